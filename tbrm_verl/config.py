@@ -1,0 +1,183 @@
+"""Composing, finishing and checking a tbrm_verl configuration (hydra_configs/tbrm_verl.yaml over verl's ppo_trainer).
+
+`check_config` refuses bad configuration before anything starts, each problem as one line that names the key and
+the fix (`ConfigError`). `tbrm_verl.main` prints it without a traceback and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "hydra_configs"
+CONFIG_NAME = "tbrm_verl"
+TBRM_KEYS = {"enable", "beta", "reference_free", "loss_variant", "loss_scale", "reward_convention", "method", "task",
+             "run_dir"}
+LOSS_VARIANTS = ("tbrm", "brm")
+LOSS_SCALES = ("delta", "beta_delta")
+REWARD_CONVENTIONS = ("zero_one", "plus_minus_one")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, stated in one line: the key, what is wrong, the fix."""
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("tbrm_not"):
+        OmegaConf.register_new_resolver("tbrm_not", lambda x: not _as_bool(x))
+
+
+def _as_bool(x) -> bool:
+    if isinstance(x, str):
+        return x.strip().lower() in ("1", "true", "yes")
+    return bool(x)
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def with_profile(overrides: list[str]) -> list[str]:
+    """Add `profile=cpu` (no GPU visible) or `profile=gpu` unless the caller chose a profile."""
+    if any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
+        return list(overrides)
+    return list(overrides) + ["profile=" + ("gpu" if gpu_available() else "cpu")]
+
+
+def profile_of(overrides: list[str]) -> str:
+    for o in with_profile(overrides):
+        if o.split("=", 1)[0].lstrip("+~") == "profile":
+            return o.split("=", 1)[1]
+    raise AssertionError("unreachable")
+
+
+def compose(overrides: list[str] = (), config_name: str = CONFIG_NAME, config_dirs: list[str] = ()) -> DictConfig:
+    """Compose a config as `python -m tbrm_verl.main` would (for tests, benchmarks and recipes' checks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    overrides = with_profile(list(overrides))
+    if config_dirs:
+        extra = ",".join(f"file://{os.path.abspath(d)}" for d in config_dirs)
+        overrides = overrides + [f"hydra.searchpath=[{extra},pkg://verl.trainer.config]"]
+    primary = str(CONFIG_DIR)
+    for d in config_dirs:
+        if (Path(d) / f"{config_name}.yaml").exists():
+            primary = os.path.abspath(d)
+    with initialize_config_dir(config_dir=primary, version_base=None):
+        return hydra_compose(config_name=config_name, overrides=overrides)
+
+
+def _is_local_path(p: str) -> bool:
+    return "://" not in p or p.startswith("file://")
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    if isinstance(x, str):
+        return [x]
+    return list(x)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError (one line) for the first problem found; return None when the config is usable."""
+    t = cfg.tbrm
+    unknown = sorted(set(t.keys()) - TBRM_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"tbrm.{unknown[0]}: unknown key in the tbrm section; valid keys are {', '.join(sorted(TBRM_KEYS))}"
+        )
+    actor = cfg.actor_rollout_ref.actor
+    rollout = cfg.actor_rollout_ref.rollout
+    if t.reward_convention not in REWARD_CONVENTIONS:
+        raise ConfigError(f"tbrm.reward_convention={t.reward_convention}: use one of {', '.join(REWARD_CONVENTIONS)}")
+
+    if t.enable:
+        if not isinstance(t.beta, (int, float)) or t.beta <= 0:
+            raise ConfigError(f"tbrm.beta={t.beta}: β must be > 0 (the target is r/β); the paper uses tbrm.beta=0.002")
+        if t.loss_variant not in LOSS_VARIANTS:
+            raise ConfigError(f"tbrm.loss_variant={t.loss_variant}: use one of {', '.join(LOSS_VARIANTS)}")
+        if t.loss_scale not in LOSS_SCALES:
+            raise ConfigError(f"tbrm.loss_scale={t.loss_scale}: use one of {', '.join(LOSS_SCALES)}")
+        if float(rollout.temperature) != 1.0:
+            raise ConfigError(
+                f"actor_rollout_ref.rollout.temperature={rollout.temperature}: TBRM reads the logits as soft "
+                "Q-values, which holds at temperature 1 only; set actor_rollout_ref.rollout.temperature=1.0"
+            )
+        for key in ("actor_rollout_ref.model.use_fused_kernels", "actor_rollout_ref.actor.use_fused_kernels"):
+            if OmegaConf.select(cfg, key):
+                raise ConfigError(f"{key}=true: fused kernels never build the logits TBRM needs for V(s_1); set {key}=false")
+        for key in ("actor_rollout_ref.actor.pad_to_length", "actor_rollout_ref.actor.fsdp_config.pad_to_length"):
+            if OmegaConf.select(cfg, key):
+                raise ConfigError(f"{key}=true: verl's logits hook does not support static padding; set {key}=false")
+        if t.reference_free and (actor.use_kl_loss or cfg.algorithm.use_kl_in_reward):
+            key = "actor_rollout_ref.actor.use_kl_loss" if actor.use_kl_loss else "algorithm.use_kl_in_reward"
+            raise ConfigError(
+                f"{key}=true with tbrm.reference_free=true: reference-free TBRM has no reference model for a KL term; "
+                f"drop the {key} override or set tbrm.reference_free=false"
+            )
+        if not t.reference_free and not actor.use_kl_loss:
+            raise ConfigError(
+                "actor_rollout_ref.actor.use_kl_loss=false: verl builds TBRM's reference model only with this flag "
+                "(no KL loss is added); remove the override, or set tbrm.reference_free=true"
+            )
+        sp = OmegaConf.select(cfg, "actor_rollout_ref.actor.ulysses_sequence_parallel_size") or 1
+        if sp > 1:
+            raise ConfigError(
+                f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp}: V(s_1) is read from unsharded logits; "
+                "set it to 1"
+            )
+        if cfg.trainer.v1.trainer_mode != "sync":
+            raise ConfigError(f"trainer.v1.trainer_mode={cfg.trainer.v1.trainer_mode}: TBRM's trainer is the sync one; set trainer.v1.trainer_mode=sync")
+        if cfg.critic.enable:
+            raise ConfigError("critic.enable=true: TBRM has no critic; set critic.enable=false")
+
+    for key in ("data.train_files", "data.val_files"):
+        for path in _as_list(OmegaConf.select(cfg, key)):
+            if path != "embedded" and _is_local_path(path) and not os.path.exists(os.path.expanduser(path.removeprefix("file://"))):
+                raise ConfigError(f"{key}: file not found: {path}; prepare it (python -m tbrm_verl.data ...) or fix the path")
+    model = cfg.actor_rollout_ref.model.path
+    if model and os.path.sep in str(model) and str(model).startswith(("/", ".", "~")):
+        if not os.path.exists(os.path.expanduser(model)):
+            raise ConfigError(f"actor_rollout_ref.model.path: directory not found: {model}")
+
+
+def check_with_verl(cfg: DictConfig) -> None:
+    """verl's own checks and dataclass instantiation, with their errors turned into one line."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    try:
+        validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
+        for key in ("actor_rollout_ref.actor", "actor_rollout_ref.rollout", "actor_rollout_ref.model",
+                    "algorithm"):
+            omega_conf_to_dataclass(OmegaConf.select(cfg, key))
+        if need_critic(cfg):
+            omega_conf_to_dataclass(cfg.critic)
+    except (AssertionError, ValueError, TypeError) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"verl rejected the config: {msg}") from exc
+
+
+def finish_config(cfg: DictConfig) -> DictConfig:
+    """Fill in what composing cannot: the embedded default's built paths, an absolute run directory."""
+    with open_dict(cfg):
+        if "embedded" in (cfg.actor_rollout_ref.model.path, cfg.data.train_files, cfg.data.val_files):
+            from tbrm_verl.embedded import ensure_embedded_assets
+
+            assets = ensure_embedded_assets()
+            if cfg.actor_rollout_ref.model.path == "embedded":
+                cfg.actor_rollout_ref.model.path = assets["model_path"]
+            if cfg.data.train_files == "embedded":
+                cfg.data.train_files = assets["train_file"]
+            if cfg.data.val_files == "embedded":
+                cfg.data.val_files = assets["val_file"]
+        cfg.tbrm.run_dir = os.path.abspath(os.path.expanduser(cfg.tbrm.run_dir))
+        cfg.trainer.default_local_dir = os.path.abspath(os.path.expanduser(cfg.trainer.default_local_dir))
+    return cfg

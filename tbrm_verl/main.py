@@ -1,0 +1,90 @@
+"""`python -m tbrm_verl.main [method=tbrm|ppo|grpo] [key=value ...]`: TBRM, PPO and GRPO through verl's trainer.
+
+With no arguments it trains TBRM on the embedded default (a tiny model and task built locally on first use).
+The hardware profile is picked here, before verl is imported: `profile=cpu` when no GPU is visible (verl then runs
+on tbrm_verl's CPU platform), else `profile=gpu`; pass `profile=...` to choose.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from tbrm_verl.config import CONFIG_DIR, CONFIG_NAME, ConfigError, profile_of, with_profile
+
+
+def _select_platform(argv: list[str]) -> None:
+    overrides = [a for a in argv if not a.startswith("-")]
+    if profile_of(overrides) == "cpu":
+        os.environ["VERL_PLATFORM"] = "cpu"  # read by tbrm_verl's plugin when verl is imported, in every process
+        os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _worker_env() -> dict[str, str]:
+    keys = ("VERL_PLATFORM", "VERL_ENGINE_DEVICE", "VERL_FILE_LOGGER_PATH", "TOKENIZERS_PARALLELISM", "TBRM_VERL_CACHE")
+    return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+def run(cfg) -> None:
+    from omegaconf import OmegaConf, open_dict
+
+    from tbrm_verl import report
+    from tbrm_verl.config import check_config, check_with_verl, finish_config
+
+    check_config(cfg)
+    cfg = finish_config(cfg)
+    OmegaConf.resolve(cfg)
+    check_with_verl(cfg)
+    os.environ["VERL_FILE_LOGGER_PATH"] = report.rotate_metrics(cfg.tbrm.run_dir)
+    with open_dict(cfg):  # workers started by an existing Ray cluster (SLURM) do not inherit this shell's env
+        env_vars = cfg.ray_kwargs.ray_init.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        for k, v in _worker_env().items():
+            env_vars.setdefault(k, v)
+
+    import ray
+    from verl.trainer.main_ppo import run_ppo
+
+    from tbrm_verl.trainer import task_runner_class
+
+    print(f"[tbrm_verl] method={cfg.tbrm.method} task={cfg.tbrm.task} run_dir={cfg.tbrm.run_dir}", flush=True)
+    try:
+        run_ppo(cfg, task_runner_class=task_runner_class())
+    except KeyboardInterrupt:
+        print(
+            f"\n[tbrm_verl] interrupted. Checkpoints in {cfg.trainer.default_local_dir} are kept; rerun the same "
+            "command to resume from the latest one (trainer.resume_mode=auto).",
+            file=sys.stderr,
+        )
+        raise SystemExit(130)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    print(report.summarise(cfg.tbrm.run_dir, cfg.trainer.default_local_dir), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    argv = with_profile(argv) if not any(a in ("-h", "--help", "--hydra-help") for a in argv) else argv
+    _select_platform(argv)
+
+    import hydra
+
+    from tbrm_verl.config import register_resolvers
+
+    register_resolvers()
+
+    @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base=None)
+    def _hydra_entry(cfg):
+        try:
+            run(cfg)
+        except ConfigError as exc:
+            print(f"tbrm_verl: config error: {exc}", file=sys.stderr)
+            raise SystemExit(2)
+
+    sys.argv = [sys.argv[0]] + argv
+    _hydra_entry()
+
+
+if __name__ == "__main__":
+    main()

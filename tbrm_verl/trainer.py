@@ -1,0 +1,75 @@
+"""TBRM's trainer: verl's v1 sync trainer with three changes, and the TaskRunner that selects it.
+
+1. The TBRM loss replaces verl's PPO loss, installed once on the actor workers before the first weight sync.
+2. The actor update runs with verl's logits hook on (`distillation_use_topk`), so the loss sees the raw logits and
+   can take V(s_1) = logsumexp at the last prompt position. Only the update sets it: the reference pass, the
+   rollout and validation never build more than log-probs.
+3. No old-log-prob pass: TBRM has no importance ratio, so π_old is never needed (the PPO/GRPO baselines keep it).
+
+What stays verl's: rollout, reward loop, reference log-probs (built only when `tbrm.reference_free=false`),
+checkpointing, resume, validation, logging, metrics (`timing_s/*`, `actor/*`, ...). No critic is built
+(`critic.enable=false`, advantage estimator `tbrm`).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import ray
+
+from verl.trainer.main_ppo import TaskRunnerV1
+from verl.trainer.ppo.v1 import trainer_base
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from tbrm_verl.loss import TBRMLossConfig, tbrm_loss
+
+
+def loss_config(config) -> TBRMLossConfig:
+    t = config.tbrm
+    return TBRMLossConfig(
+        beta=float(t.beta),
+        loss_variant=str(t.loss_variant),
+        loss_scale=str(t.loss_scale),
+        reference_free=bool(t.reference_free),
+    )
+
+
+class TBRMTrainerSync(PPOTrainerSync):
+    def on_init_end(self):
+        # Installed before the base hook, which pushes weights to the rollout and may start work.
+        self.actor_rollout_wg.set_loss_fn(partial(tbrm_loss, loss_config(self.config)))
+        super().on_init_end()
+
+    def _compute_old_log_prob(self, batch, metrics):
+        return batch  # TBRM needs no π_old: the old-log-prob forward is skipped entirely
+
+    def _update_actor(self, batch, metrics):
+        # The base method writes distillation_use_topk=False into the batch right before calling the worker
+        # group; set it in a wrapper around that one call.
+        wg = self.actor_rollout_wg
+        update_actor = wg.update_actor
+
+        def update_actor_with_logits_hook(b):
+            b.extra_info["distillation_use_topk"] = True
+            return update_actor(b)
+
+        wg.update_actor = update_actor_with_logits_hook
+        try:
+            return super()._update_actor(batch, metrics)
+        finally:
+            wg.update_actor = update_actor
+
+
+class TBRMTaskRunner(TaskRunnerV1.__ray_actor_class__):
+    """verl's v1 TaskRunner, with the `sync` trainer mode served by TBRMTrainerSync when TBRM is selected."""
+
+    def run(self, config):
+        if config.tbrm.enable:
+            # verl's registry refuses re-registration of a name; TBRM keeps the mode name `sync` on purpose
+            # (the string switches replay-buffer and checkpoint behaviour), so the entry is replaced directly.
+            trainer_base.TRAINER_REGISTRY["sync"] = TBRMTrainerSync
+        return super().run(config)
+
+
+def task_runner_class():
+    return ray.remote(num_cpus=1)(TBRMTaskRunner)
