@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "hydra_configs"
 CONFIG_NAME = "tbrm_verl"
 TBRM_KEYS = {"enable", "beta", "reference_free", "loss_variant", "loss_scale", "reward_convention", "method", "task",
-             "run_dir"}
+             "run_dir", "replay_poll_s"}
 LOSS_VARIANTS = ("tbrm", "brm")
 LOSS_SCALES = ("delta", "beta_delta")
 REWARD_CONVENTIONS = ("zero_one", "plus_minus_one")

@@ -125,7 +125,8 @@ def tbrm_loss(cfg: TBRMLossConfig, model_output=None, data=None, dp_group=None, 
     mask = padded["response_mask"].bool()
     width = mask.shape[1]
     log_prob, v = log_prob[:, :width], v[:, :width]
-    ref_log_prob = None if cfg.reference_free else padded["ref_log_prob"][:, :width].float()
+    # π_ref is a fixed target: never let a gradient reach it, whatever the caller passes
+    ref_log_prob = None if cfg.reference_free else padded["ref_log_prob"][:, :width].detach().float()
     # verl puts the outcome score on the last response token: the trajectory reward is the row sum.
     reward = torch.where(mask, padded["rm_scores"][:, :width].float(), 0.0).sum(dim=-1)
     log_prob = log_prob.float()

@@ -38,7 +38,12 @@ def run(cfg) -> None:
     check_with_verl(cfg)
     os.environ["VERL_FILE_LOGGER_PATH"] = report.rotate_metrics(cfg.tbrm.run_dir)
     with open_dict(cfg):  # workers started by an existing Ray cluster (SLURM) do not inherit this shell's env
-        env_vars = cfg.ray_kwargs.ray_init.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        ray_init = cfg.ray_kwargs.ray_init
+        if os.environ.get("RAY_ADDRESS") or ray_init.get("address"):
+            # joining a running cluster: its nodes declared their resources at `ray start`; Ray refuses them here
+            ray_init.pop("num_cpus", None)
+            ray_init.pop("num_gpus", None)
+        env_vars = ray_init.setdefault("runtime_env", {}).setdefault("env_vars", {})
         for k, v in _worker_env().items():
             env_vars.setdefault(k, v)
 

@@ -34,7 +34,21 @@ def loss_config(config) -> TBRMLossConfig:
     )
 
 
-class TBRMTrainerSync(PPOTrainerSync):
+class SyncTrainer(PPOTrainerSync):
+    """verl's sync trainer with the replay buffer's poll interval configurable (`tbrm.replay_poll_s`).
+
+    verl polls for finished rollouts every 2 s (not configurable), which rounds every step's generation time up to
+    a multiple of 2 s: negligible on GPUs with minutes-long rollouts, most of a step on the CPU profile. Used for the
+    PPO and GRPO baselines too, so that the methods are timed alike.
+    """
+
+    def _build_replay_buffer(self):
+        buffer = super()._build_replay_buffer()
+        buffer.poll_interval = float(self.config.tbrm.replay_poll_s)
+        return buffer
+
+
+class TBRMTrainerSync(SyncTrainer):
     def on_init_end(self):
         # Installed before the base hook, which pushes weights to the rollout and may start work.
         self.actor_rollout_wg.set_loss_fn(partial(tbrm_loss, loss_config(self.config)))
@@ -61,13 +75,12 @@ class TBRMTrainerSync(PPOTrainerSync):
 
 
 class TBRMTaskRunner(TaskRunnerV1.__ray_actor_class__):
-    """verl's v1 TaskRunner, with the `sync` trainer mode served by TBRMTrainerSync when TBRM is selected."""
+    """verl's v1 TaskRunner, with the `sync` trainer mode served by TBRMTrainerSync (TBRM) or SyncTrainer."""
 
     def run(self, config):
-        if config.tbrm.enable:
-            # verl's registry refuses re-registration of a name; TBRM keeps the mode name `sync` on purpose
-            # (the string switches replay-buffer and checkpoint behaviour), so the entry is replaced directly.
-            trainer_base.TRAINER_REGISTRY["sync"] = TBRMTrainerSync
+        # verl's registry refuses re-registration of a name; the mode name stays `sync` on purpose (the string
+        # switches replay-buffer and checkpoint behaviour), so the entry is replaced directly.
+        trainer_base.TRAINER_REGISTRY["sync"] = TBRMTrainerSync if config.tbrm.enable else SyncTrainer
         return super().run(config)
 
 

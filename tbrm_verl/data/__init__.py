@@ -1,0 +1,49 @@
+"""Data preparation for TBRM (see ``tbrm_verl.data.prep`` for the formats and rules).
+
+CLI::
+
+    python -m tbrm_verl.data train --out-dir DIR [--source HUB_ID_OR_FILE] [--strict]
+    python -m tbrm_verl.data eval  --out-dir DIR [--sources NAME=HUB_ID_OR_FILE ...] [--names NAME ...] [--strict]
+"""
+
+from tbrm_verl.data.prep import (
+    DAPO_PREFIX,
+    DAPO_SUFFIX,
+    DEFAULT_TRAIN_SOURCE,
+    EVAL_NAMES,
+    EVAL_SOURCES,
+    SYSTEM_PROMPT,
+    TRAIN_DATA_SOURCE,
+    TRAIN_FILE_NAME,
+    EvalSource,
+    MalformedRecord,
+    PrepError,
+    Report,
+    build_eval,
+    build_train,
+    dapo_record_to_pair,
+    make_prompt,
+    normalize_ground_truth,
+    strip_dapo_wrapper,
+)
+
+__all__ = [
+    "DAPO_PREFIX",
+    "DAPO_SUFFIX",
+    "DEFAULT_TRAIN_SOURCE",
+    "EVAL_NAMES",
+    "EVAL_SOURCES",
+    "SYSTEM_PROMPT",
+    "TRAIN_DATA_SOURCE",
+    "TRAIN_FILE_NAME",
+    "EvalSource",
+    "MalformedRecord",
+    "PrepError",
+    "Report",
+    "build_eval",
+    "build_train",
+    "dapo_record_to_pair",
+    "make_prompt",
+    "normalize_ground_truth",
+    "strip_dapo_wrapper",
+]
