@@ -19,10 +19,15 @@ def _select_platform(argv: list[str]) -> None:
         os.environ["VERL_PLATFORM"] = "cpu"  # read by tbrm_verl's plugin when verl is imported, in every process
         os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # TransferQueue defaults to 8 threads and warns on every batch when a machine has fewer physical cores
+    import psutil
+
+    os.environ.setdefault("TQ_NUM_THREADS", str(min(8, psutil.cpu_count(logical=False) or 1)))
 
 
 def _worker_env() -> dict[str, str]:
-    keys = ("VERL_PLATFORM", "VERL_ENGINE_DEVICE", "VERL_FILE_LOGGER_PATH", "TOKENIZERS_PARALLELISM", "TBRM_VERL_CACHE")
+    keys = ("VERL_PLATFORM", "VERL_ENGINE_DEVICE", "VERL_FILE_LOGGER_PATH", "TOKENIZERS_PARALLELISM", "TBRM_VERL_CACHE",
+            "TQ_NUM_THREADS")
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
@@ -31,11 +36,13 @@ def run(cfg) -> None:
 
     from tbrm_verl import report
     from tbrm_verl.config import check_config, check_with_verl, finish_config
+    from tbrm_verl.data_check import check_data
 
     check_config(cfg)
     cfg = finish_config(cfg)
     OmegaConf.resolve(cfg)
     check_with_verl(cfg)
+    check_data(cfg)
     os.environ["VERL_FILE_LOGGER_PATH"] = report.rotate_metrics(cfg.tbrm.run_dir)
     with open_dict(cfg):  # workers started by an existing Ray cluster (SLURM) do not inherit this shell's env
         ray_init = cfg.ray_kwargs.ray_init
