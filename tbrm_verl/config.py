@@ -178,6 +178,9 @@ def finish_config(cfg: DictConfig) -> DictConfig:
                 cfg.data.train_files = assets["train_file"]
             if cfg.data.val_files == "embedded":
                 cfg.data.val_files = assets["val_file"]
+        from tbrm_verl.reward_guard import guard_config
+
+        guard_config(cfg)
         cfg.tbrm.run_dir = os.path.abspath(os.path.expanduser(cfg.tbrm.run_dir))
         cfg.trainer.default_local_dir = os.path.abspath(os.path.expanduser(cfg.trainer.default_local_dir))
     return cfg

@@ -88,11 +88,19 @@ def main(argv: list[str] | None = None) -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base=None)
     def _hydra_entry(cfg):
+        from tbrm_verl.reward_guard import user_facing_line
+
         try:
             run(cfg)
         except ConfigError as exc:
             print(f"tbrm_verl: config error: {exc}", file=sys.stderr)
             raise SystemExit(2)
+        except Exception as exc:
+            line = user_facing_line(exc)
+            if line is None:
+                raise
+            print(line, file=sys.stderr)
+            raise SystemExit(1)
 
     sys.argv = [sys.argv[0]] + argv
     _hydra_entry()
