@@ -88,14 +88,39 @@ def last_prompt_positions(data) -> torch.Tensor:
     return offsets[1:] - response_lens - 1
 
 
+class _RowsLogSumExp(torch.autograd.Function):
+    """float32 logsumexp of B rows of the (nnz, V) logits; keeps only a B × V float32 copy for backward.
+
+    Same values and gradient as `torch.logsumexp(logits[idx].float(), -1)`, whose backward allocates a dense zero
+    (nnz, V) tensor and then an out-of-place index_put copy of it; here the B gradient rows are written in place
+    into one zero tensor. (A row-sparse gradient would avoid even that, but sparse gradients cannot flow back
+    through the views verl's engine takes of the logits.)
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        rows = logits[idx].float()
+        v = torch.logsumexp(rows, dim=-1)
+        ctx.save_for_backward(rows, v, idx)
+        ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
+        return v
+
+    @staticmethod
+    def backward(ctx, grad_v: torch.Tensor):
+        rows, v, idx = ctx.saved_tensors
+        grad_rows = torch.exp(rows - v.unsqueeze(-1)) * grad_v.unsqueeze(-1)  # softmax(z) · g
+        grad = torch.zeros(ctx.logits_shape, dtype=ctx.logits_dtype, device=rows.device)
+        grad.index_copy_(0, idx, grad_rows.to(ctx.logits_dtype))
+        return grad, None
+
+
 def _values_from_logits(student_logits: torch.Tensor, data, cfg: TBRMLossConfig) -> dict[str, torch.Tensor]:
     """First call of the dual-call contract: per-token values computed from the full logits, shape (1, nnz)."""
     logits = student_logits.squeeze(0)  # (nnz, V), raw logits (temperature is checked to be 1)
     nnz = logits.shape[0]
     if cfg.loss_variant == "tbrm":
         idx = last_prompt_positions(data).to(logits.device)
-        # Indexing copies just B rows; the float32 logsumexp saves only that copy for backward.
-        v_s1 = torch.logsumexp(logits[idx].float(), dim=-1)
+        v_s1 = _RowsLogSumExp.apply(logits, idx)
         v = torch.zeros(nnz, dtype=torch.float32, device=logits.device).index_put((idx,), v_s1)
     else:  # brm needs V(s_h) at every response position
         v = torch.logsumexp(logits.float(), dim=-1)

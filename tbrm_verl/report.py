@@ -53,6 +53,14 @@ def reward_rise(steps: dict[int, dict], frac: float = 0.25) -> tuple[float, floa
     return sum(rewards[:k]) / k, sum(rewards[-k:]) / k, k
 
 
+def validation_curve(steps: dict[int, dict]) -> tuple[str, list[tuple[int, float]]] | None:
+    """verl's core validation accuracy (`val-core/<data_source>/reward/mean@N`) per step where it was measured."""
+    for key in sorted({k for m in steps.values() for k in m}):
+        if key.startswith("val-core/") and "/reward/mean@" in key:
+            return key, [(s, m[key]) for s, m in steps.items() if key in m]
+    return None
+
+
 def plot(steps: dict[int, dict], path: str) -> str | None:
     import matplotlib
 
@@ -91,4 +99,8 @@ def summarise(run_dir: str, checkpoint_dir: str) -> str:
     if rise:
         first, last, k = rise
         lines.append(f"  mean training reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} ({last - first:+.3f})")
+    val = validation_curve(steps)
+    if val and len(val[1]) >= 2:
+        (s0, v0), (s1, v1) = val[1][0], val[1][-1]
+        lines.append(f"  validation ({val[0]}): step {s0} {v0:.3f} -> step {s1} {v1:.3f}")
     return "\n".join(lines)
