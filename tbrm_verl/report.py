@@ -54,9 +54,9 @@ def reward_rise(steps: dict[int, dict], frac: float = 0.25) -> tuple[float, floa
 
 
 def validation_curve(steps: dict[int, dict]) -> tuple[str, list[tuple[int, float]]] | None:
-    """verl's core validation accuracy (`val-core/<data_source>/reward/mean@N`) per step where it was measured."""
+    """verl's core validation accuracy (`val-core/<data_source>/acc/mean@N`) per step where it was measured."""
     for key in sorted({k for m in steps.values() for k in m}):
-        if key.startswith("val-core/") and "/reward/mean@" in key:
+        if key.startswith("val-core/") and ("/acc/mean@" in key or "/reward/mean@" in key):
             return key, [(s, m[key]) for s, m in steps.items() if key in m]
     return None
 
