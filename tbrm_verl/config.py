@@ -55,16 +55,27 @@ def profile_of(overrides: list[str]) -> str:
     raise AssertionError("unreachable")
 
 
+VERL_CONFIG_SEARCHPATH = "pkg://verl.trainer.config"
+
+
+def with_searchpath(overrides: list[str], config_dirs: list[str] = ()) -> list[str]:
+    """Add `hydra.searchpath=[<config_dirs>, hydra_configs, verl's configs]` unless the caller set one.
+
+    Hydra reads hydra.searchpath from the primary config only and refuses the key in any other config, so it cannot
+    live in hydra_configs/tbrm_verl.yaml, which recipes (recipes/*.yaml, primary configs) include by name."""
+    if any(o.split("=", 1)[0].lstrip("+~") == "hydra.searchpath" for o in overrides):
+        return list(overrides)
+    dirs = [f"file://{os.path.abspath(d)}" for d in config_dirs] + [f"file://{CONFIG_DIR}", VERL_CONFIG_SEARCHPATH]
+    return list(overrides) + ["hydra.searchpath=[" + ",".join(f"'{d}'" for d in dirs) + "]"]  # quoted: any path
+
+
 def compose(overrides: list[str] = (), config_name: str = CONFIG_NAME, config_dirs: list[str] = ()) -> DictConfig:
     """Compose a config as `python -m tbrm_verl.main` would (for tests, benchmarks and recipes' checks)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register_resolvers()
-    overrides = with_profile(list(overrides))
-    if config_dirs:
-        extra = ",".join(f"file://{os.path.abspath(d)}" for d in config_dirs)
-        overrides = overrides + [f"hydra.searchpath=[{extra},pkg://verl.trainer.config]"]
+    overrides = with_searchpath(with_profile(list(overrides)), config_dirs)
     primary = str(CONFIG_DIR)
     for d in config_dirs:
         if (Path(d) / f"{config_name}.yaml").exists():
@@ -97,6 +108,11 @@ def check_config(cfg: DictConfig) -> None:
     rollout = cfg.actor_rollout_ref.rollout
     if t.reward_convention not in REWARD_CONVENTIONS:
         raise ConfigError(f"tbrm.reward_convention={t.reward_convention}: use one of {', '.join(REWARD_CONVENTIONS)}")
+    if not OmegaConf.select(cfg, "actor_rollout_ref.model.path"):
+        raise ConfigError(
+            "actor_rollout_ref.model.path is not set (task=dapo_math has no default model): launch a recipe "
+            "(python -m tbrm_verl.main --config-dir recipes --config-name ...) or set actor_rollout_ref.model.path=..."
+        )
 
     if t.enable:
         if not isinstance(t.beta, (int, float)) or t.beta <= 0:
@@ -150,6 +166,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def check_with_verl(cfg: DictConfig) -> None:
     """verl's own checks and dataclass instantiation, with their errors turned into one line."""
+    from hydra.errors import InstantiationException
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import omega_conf_to_dataclass, validate_config
 
@@ -160,7 +177,7 @@ def check_with_verl(cfg: DictConfig) -> None:
             omega_conf_to_dataclass(OmegaConf.select(cfg, key))
         if need_critic(cfg):
             omega_conf_to_dataclass(cfg.critic)
-    except (AssertionError, ValueError, TypeError) as exc:
+    except (AssertionError, ValueError, TypeError, InstantiationException) as exc:
         msg = " ".join(str(exc).split()) or type(exc).__name__
         raise ConfigError(f"verl rejected the config: {msg}") from exc
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-from tbrm_verl.config import CONFIG_DIR, CONFIG_NAME, ConfigError, profile_of, with_profile
+from tbrm_verl.config import CONFIG_DIR, CONFIG_NAME, ConfigError, profile_of, with_profile, with_searchpath
 
 
 def _select_platform(argv: list[str]) -> None:
@@ -78,6 +78,7 @@ def run(cfg) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     argv = with_profile(argv) if not any(a in ("-h", "--help", "--hydra-help") for a in argv) else argv
+    argv = with_searchpath(argv)
     _select_platform(argv)
 
     import hydra

@@ -45,12 +45,13 @@ def test_paper_hyperparameters_on_gpu_profile():
     """Without the embedded task's tuning (task_method), the methods carry the paper's values (spec §2)."""
     from hydra import compose as hc, initialize_config_dir
 
-    from tbrm_verl.config import CONFIG_DIR, register_resolvers
+    from tbrm_verl.config import CONFIG_DIR, register_resolvers, with_searchpath
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         # task_method is optional: a task without tuning files gets the method's own (paper) values
-        cfgs = {m: hc("tbrm_verl", overrides=[f"method={m}", "profile=gpu", "task=embedded", "~task_method"])
+        cfgs = {m: hc("tbrm_verl", overrides=with_searchpath([f"method={m}", "profile=gpu", "task=embedded",
+                                                              "~task_method"]))
                 for m in ("tbrm", "ppo", "grpo")}
     t, p, g = cfgs["tbrm"], cfgs["ppo"], cfgs["grpo"]
     assert t.tbrm.beta == 0.002 and t.actor_rollout_ref.actor.optim.lr == 2.5e-6 and t.actor_rollout_ref.rollout.n == 1
