@@ -154,6 +154,7 @@ def check_config(cfg: DictConfig) -> None:
         if cfg.critic.enable:
             raise ConfigError("critic.enable=true: TBRM has no critic; set critic.enable=false")
 
+    _check_micro_batches(cfg)
     for key in ("data.train_files", "data.val_files"):
         for path in _as_list(OmegaConf.select(cfg, key)):
             if path != "embedded" and _is_local_path(path) and not os.path.exists(os.path.expanduser(path.removeprefix("file://"))):
@@ -162,6 +163,30 @@ def check_config(cfg: DictConfig) -> None:
     if model and os.path.sep in str(model) and str(model).startswith(("/", ".", "~")):
         if not os.path.exists(os.path.expanduser(model)):
             raise ConfigError(f"actor_rollout_ref.model.path: directory not found: {model}")
+
+
+def _check_micro_batches(cfg: DictConfig) -> None:
+    """verl's engine splits each rank's share of a mini-batch into micro-batches of exactly this size."""
+    actor = cfg.actor_rollout_ref.actor
+    if actor.get("use_dynamic_bsz", False):
+        return
+    world = cfg.trainer.n_gpus_per_node * cfg.trainer.nnodes
+    n = cfg.actor_rollout_ref.rollout.n
+    sections = [("actor_rollout_ref.actor", actor)]
+    if cfg.critic.get("enable"):
+        sections.append(("critic", cfg.critic))
+    for name, sec in sections:
+        micro = sec.get("ppo_micro_batch_size_per_gpu")
+        mini = sec.get("ppo_mini_batch_size")
+        if not micro or not mini:
+            continue
+        per_rank = mini * n // world
+        if per_rank % micro != 0:
+            raise ConfigError(
+                f"{name}.ppo_micro_batch_size_per_gpu={micro} must divide each rank's mini-batch "
+                f"(ppo_mini_batch_size {mini} × rollout.n {n} / {world} ranks = {per_rank}); set it to a divisor "
+                f"of {per_rank}"
+            )
 
 
 def check_with_verl(cfg: DictConfig) -> None:

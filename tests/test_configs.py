@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import omega_conf_to_dataclass
 
-from tbrm_verl.config import ConfigError, check_config, compose, finish_config
+from tbrm_verl.config import ConfigError, check_config, check_with_verl, compose, finish_config
 
 
 def _compose(*overrides):
@@ -39,6 +39,7 @@ def test_configs_compose_and_instantiate(overrides, ref, critic, n, estimator):
         omega_conf_to_dataclass(OmegaConf.select(cfg, key))
     if critic:
         omega_conf_to_dataclass(cfg.critic)
+    check_with_verl(cfg)  # verl's own batch-size rules (mini/micro-batch divisibility) for the embedded task
 
 
 def test_paper_hyperparameters_on_gpu_profile():
@@ -78,6 +79,7 @@ BAD = [
     (["data.val_files=/no/such/val.parquet"], "data.val_files"),
     (["tbrm.loss_variant=pairwise"], "tbrm.loss_variant"),
     (["tbrm.reward_convention=percent"], "tbrm.reward_convention"),
+    (["method=ppo", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64"], "ppo_micro_batch_size_per_gpu=64"),
 ]
 
 
