@@ -175,6 +175,14 @@ def _check_micro_batches(cfg: DictConfig) -> None:
     sections = [("actor_rollout_ref.actor", actor)]
     if cfg.critic.get("enable"):
         sections.append(("critic", cfg.critic))
+    per_rank_batch = cfg.data.train_batch_size * n // world
+    for name in ("actor_rollout_ref.ref", "actor_rollout_ref.rollout"):
+        micro = OmegaConf.select(cfg, f"{name}.log_prob_micro_batch_size_per_gpu")
+        if micro and per_rank_batch % micro != 0:
+            raise ConfigError(
+                f"{name}.log_prob_micro_batch_size_per_gpu={micro} must divide each rank's batch (train_batch_size "
+                f"{cfg.data.train_batch_size} × rollout.n {n} / {world} ranks = {per_rank_batch}); set a divisor"
+            )
     for name, sec in sections:
         micro = sec.get("ppo_micro_batch_size_per_gpu")
         mini = sec.get("ppo_mini_batch_size")

@@ -50,9 +50,15 @@ def run(cfg) -> None:
             # joining a running cluster: its nodes declared their resources at `ray start`; Ray refuses them here
             ray_init.pop("num_cpus", None)
             ray_init.pop("num_gpus", None)
-        env_vars = ray_init.setdefault("runtime_env", {}).setdefault("env_vars", {})
+        # (DictConfig.setdefault returns a detached plain dict for a new key: assign the nodes instead)
+        if ray_init.get("runtime_env") is None:
+            ray_init.runtime_env = {}
+        if ray_init.runtime_env.get("env_vars") is None:
+            ray_init.runtime_env.env_vars = {}
+        env_vars = ray_init.runtime_env.env_vars
         for k, v in _worker_env().items():
-            env_vars.setdefault(k, v)
+            if k not in env_vars:
+                env_vars[k] = v
 
     import ray
     from verl.trainer.main_ppo import run_ppo
