@@ -27,6 +27,8 @@ class ConfigError(ValueError):
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver("tbrm_not"):
         OmegaConf.register_new_resolver("tbrm_not", lambda x: not _as_bool(x))
+    if not OmegaConf.has_resolver("tbrm_cpu_slots"):  # logical Ray CPUs a CPU-profile node needs for n ranks
+        OmegaConf.register_new_resolver("tbrm_cpu_slots", lambda n: 6 + 3 * int(n))
 
 
 def _as_bool(x) -> bool:

@@ -12,6 +12,8 @@ platform is selected:
   an accelerator: use `pin_memory=False`.
 * the FSDP engines are registered for devices `cuda`/`npu` only: `VERL_ENGINE_DEVICE=cuda` picks that registry key;
   the engine code itself then runs on this platform's `cpu` device.
+* verl's `load_valuehead_model` (PPO's critic) hard-codes `attn_implementation="flash_attention_2"`, which has no
+  CPU kernel: on CPU the critic is loaded the same way with `sdpa`.
 """
 
 from __future__ import annotations
@@ -90,6 +92,18 @@ def _dedupe_backend(init_process_group):
 
     wrapper._tbrm_cpu = True
     return wrapper
+
+
+def _load_valuehead_model_sdpa(local_path, torch_dtype, model_config, trust_remote_code):
+    from transformers import AutoModelForTokenClassification
+
+    return AutoModelForTokenClassification.from_pretrained(
+        pretrained_model_name_or_path=local_path, torch_dtype=torch_dtype, config=model_config,
+        attn_implementation="sdpa", trust_remote_code=trust_remote_code,
+    )
+
+
+_load_valuehead_model_sdpa._tbrm_cpu = True
 
 
 def install() -> None:
@@ -178,6 +192,11 @@ def install() -> None:
     with warnings.catch_warnings():  # verl warns about every optional engine (megatron, veomni, ...) it cannot import
         warnings.simplefilter("ignore", UserWarning)
         from verl.workers.engine.fsdp import transformer_impl
+
+    import verl.utils.model as verl_model
+
+    if not getattr(verl_model.load_valuehead_model, "_tbrm_cpu", False):
+        verl_model.load_valuehead_model = _load_valuehead_model_sdpa  # the engine imports it at call time
 
     policy = transformer_impl.CPUOffloadPolicy
     if policy is not None and not getattr(policy, "_tbrm_cpu", False):
