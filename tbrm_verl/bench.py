@@ -17,6 +17,8 @@ import json
 import os
 import sys
 
+from tbrm_verl import report
+
 METHODS: dict[str, list[str]] = {
     "tbrm_n1": ["method=tbrm", "actor_rollout_ref.rollout.n=1"],
     "tbrm_n1_ref_free": ["method=tbrm", "actor_rollout_ref.rollout.n=1", "tbrm.reference_free=true"],
@@ -103,7 +105,6 @@ def plot(results: dict, path: str) -> None:
 
 
 def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common: list[str]) -> dict:
-    from tbrm_verl import report
     from tbrm_verl.procmem import run_measured
 
     run_dir = os.path.join(out_dir, name)
@@ -126,6 +127,23 @@ def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common
     return summary
 
 
+def model_setting(extra: list[str]) -> dict:
+    """Model size fields of bench.json's `setting` (what tbrm_verl.cost_model.compare_with_bench reads)."""
+    path = next((o.split("=", 1)[1] for o in extra if o.startswith("actor_rollout_ref.model.path=")), None)
+    if path is None:
+        from tbrm_verl.embedded import ensure_embedded_assets
+
+        path = ensure_embedded_assets(verbose=False)["model_path"]
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    return {"model_path": path, "params": params, "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size,
+            "vocab": cfg.vocab_size}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6, help="training steps per method (the first is not timed)")
@@ -142,8 +160,14 @@ def main(argv=None) -> None:
     results = {}
     for name in args.methods.split(","):
         results[name] = run_method(name, METHODS[name], out_dir, args.steps, common)
+    first = next(iter(results))
+    steps = report.load_steps(os.path.join(out_dir, first))
+    mean_of = lambda key: sum(m[key] for m in steps.values() if key in m) / max(1, sum(key in m for m in steps.values()))  # noqa: E731
+    setting = {"steps": args.steps, "prompts_per_step": args.prompts, "overrides": common, "n_gpus": 1,
+               "prompt_len": mean_of("prompt_length/mean"), "response_len": mean_of("response_length/mean"),
+               **model_setting(extra)}
     doc = {"methods": results, "ratios_vs_ppo_n1": ratios(results), "targets": check_targets(results),
-           "setting": {"steps": args.steps, "prompts_per_step": args.prompts, "overrides": common}}
+           "setting": setting}
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(doc, f, indent=2)
     plot(results, os.path.join(out_dir, "bench.png"))
