@@ -281,3 +281,19 @@ def max_abs_diff(a: dict, b: dict, keys) -> dict[str, float]:
 def l2_distance(a: dict, b: dict, keys) -> float:
     """||a - b|| over the named tensors, all flattened into one vector."""
     return float(sum(float(((a[k].double() - b[k].double()) ** 2).sum()) for k in keys) ** 0.5)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free on loopback right now (held open together so they differ)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -22,7 +22,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,6 +31,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_helpers as H  # noqa: E402  (not `tests.e2e_helpers`: verl ships a top-level `tests` package)
+
 pytestmark = pytest.mark.e2e
 
 PY = sys.executable
@@ -40,19 +42,6 @@ JOIN_TIMEOUT_S = 240
 TRAIN_TIMEOUT_S = 420
 # The embedded task's micro-batch sizes (16) divide each rank's share for 1, 2 and 4 ranks: no overrides needed.
 TWO_RANK_OVERRIDES: list[str] = []
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _descendants(pids: set[int]) -> set[int]:
@@ -114,7 +103,7 @@ class LoopbackRayCluster:
             self.env.pop(k, None)
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
-        ports = _free_ports(4 + 6 * n_nodes)
+        ports = H.free_ports(4 + 6 * n_nodes)
         self.port = ports.pop()
         self.address = f"127.0.0.1:{self.port}"
         for i in range(n_nodes):

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import e2e_helpers as H  # noqa: E402  (not `tests.e2e_helpers`: verl ships a top-level `tests` package)
+
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,19 +55,6 @@ if os.geteuid() != 0:
     pytest.skip("a private slurmd must run as root (it starts jobs as their user)", allow_module_level=True)
 
 JOB_TIMEOUT_S = 420
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _procs() -> dict[int, tuple[int, str]]:
@@ -145,7 +135,7 @@ class SlurmCluster:
 
         hw = dict(kv.split("=", 1) for kv in self.cmd("slurmd", "-C").split() if "=" in kv)
         cpus, mem = int(hw["CPUs"]), int(int(hw["RealMemory"]) * 0.9)
-        ctld_port, slurmd_port = _free_ports(2)
+        ctld_port, slurmd_port = H.free_ports(2)
         # cred_expire: SLURM holds a requeued job for cred_expire + 1 s (default 120) before it may start again;
         # starting it earlier (scontrol update StartTime=now) fails with "Job credential revoked"
         (r / "slurm.conf").write_text(textwrap.dedent(f"""\
@@ -245,7 +235,7 @@ def _submit(slurm: SlurmCluster, name: str, sbatch_args: list[str], overrides: l
     """sbatch slurm/tbrm.sbatch for the embedded task on the CPU platform; returns (job id, run dir, output file)."""
     work = slurm.root / name
     work.mkdir()
-    ports = _free_ports(10)
+    ports = H.free_ports(10)
     env = {
         **slurm.env,
         "TBRM_HOME": str(REPO),
