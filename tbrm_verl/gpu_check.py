@@ -371,19 +371,12 @@ VARIANTS = (
 )
 
 
-@contextlib.contextmanager
 def _cpu_threads(device, n: int = 1):
     """Tiny CPU workloads: one intra-op thread (OpenMP spin-waiting on a busy machine makes 2-thread tiny matmuls
     ~100x slower). Restored afterwards: the process may be a test session."""
-    if torch.device(device).type != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+    from tbrm_verl.embedded import _torch_threads
+
+    return _torch_threads(n) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
 def run_correctness(device="cpu", dtype="bf16", engine="auto", seed=0, micro_batches=2, variants=VARIANTS,
