@@ -43,16 +43,21 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _override_key(override: str) -> str:
+    """`+a.b=1` / `~a.b` / `a.b=1` -> `a.b`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def with_profile(overrides: list[str]) -> list[str]:
     """Add `profile=cpu` (no GPU visible) or `profile=gpu` unless the caller chose a profile."""
-    if any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
+    if any(_override_key(o) == "profile" for o in overrides):
         return list(overrides)
     return list(overrides) + ["profile=" + ("gpu" if gpu_available() else "cpu")]
 
 
 def profile_of(overrides: list[str]) -> str:
     for o in with_profile(overrides):
-        if o.split("=", 1)[0].lstrip("+~") == "profile":
+        if _override_key(o) == "profile":
             return o.split("=", 1)[1]
     raise AssertionError("unreachable")
 
@@ -65,7 +70,7 @@ def with_searchpath(overrides: list[str], config_dirs: list[str] = ()) -> list[s
 
     Hydra reads hydra.searchpath from the primary config only and refuses the key in any other config, so it cannot
     live in hydra_configs/tbrm_verl.yaml, which recipes (recipes/*.yaml, primary configs) include by name."""
-    if any(o.split("=", 1)[0].lstrip("+~") == "hydra.searchpath" for o in overrides):
+    if any(_override_key(o) == "hydra.searchpath" for o in overrides):
         return list(overrides)
     dirs = [f"file://{os.path.abspath(d)}" for d in config_dirs] + [f"file://{CONFIG_DIR}", VERL_CONFIG_SEARCHPATH]
     return list(overrides) + ["hydra.searchpath=[" + ",".join(f"'{d}'" for d in dirs) + "]"]  # quoted: any path
@@ -86,11 +91,11 @@ def compose(overrides: list[str] = (), config_name: str = CONFIG_NAME, config_di
         return hydra_compose(config_name=config_name, overrides=overrides)
 
 
-def _is_local_path(p: str) -> bool:
+def is_local_path(p: str) -> bool:
     return "://" not in p or p.startswith("file://")
 
 
-def _as_list(x) -> list:
+def as_list(x) -> list:
     if x is None:
         return []
     if isinstance(x, str):
@@ -158,8 +163,8 @@ def check_config(cfg: DictConfig) -> None:
 
     _check_micro_batches(cfg)
     for key in ("data.train_files", "data.val_files"):
-        for path in _as_list(OmegaConf.select(cfg, key)):
-            if path != "embedded" and _is_local_path(path) and not os.path.exists(os.path.expanduser(path.removeprefix("file://"))):
+        for path in as_list(OmegaConf.select(cfg, key)):
+            if path != "embedded" and is_local_path(path) and not os.path.exists(os.path.expanduser(path.removeprefix("file://"))):
                 raise ConfigError(f"{key}: file not found: {path}; prepare it (python -m tbrm_verl.data ...) or fix the path")
     model = cfg.actor_rollout_ref.model.path
     if model and os.path.sep in str(model) and str(model).startswith(("/", ".", "~")):

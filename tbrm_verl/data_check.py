@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from tbrm_verl.config import ConfigError
+from tbrm_verl.config import ConfigError, as_list, is_local_path
 
 REQUIRED = ("prompt", "reward_model")
 
@@ -77,8 +77,6 @@ def check_data(cfg) -> None:
         except Exception:
             tokenizer = None  # a hub id not cached locally: verl will load it later; skip the length check
     for key in ("data.train_files", "data.val_files"):
-        paths = OmegaConf.select(cfg, key)
-        for path in [paths] if isinstance(paths, str) else list(paths or []):
-            if "://" in path and not path.startswith("file://"):
-                continue
-            check_parquet(path.removeprefix("file://"), tokenizer, cfg.data.max_prompt_length, key)
+        for path in as_list(OmegaConf.select(cfg, key)):
+            if is_local_path(path):
+                check_parquet(path.removeprefix("file://"), tokenizer, cfg.data.max_prompt_length, key)

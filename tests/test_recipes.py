@@ -8,7 +8,6 @@ the configs.
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
