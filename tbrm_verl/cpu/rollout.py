@@ -107,8 +107,7 @@ class CPURolloutServer:
         self.global_steps: Optional[int] = None
         self._pending: list[_Request] = []
         self._occurrences: dict[tuple, int] = {}
-        self._worker: Optional[asyncio.Task] = None
-        self._lock = asyncio.Lock()
+        self._worker: Optional[asyncio.Task] = None  # the one task batching pending requests (see _drain)
 
     # ---- generation -------------------------------------------------------------------------------------------
     async def generate(
@@ -152,11 +151,10 @@ class CPURolloutServer:
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         token_ids, log_probs = await req.future
-        stop_reason = "completed"
         return TokenOutput(
             token_ids=token_ids,
             log_probs=log_probs,
-            stop_reason=stop_reason,
+            stop_reason="completed",
             extra_fields={"global_steps": self.global_steps},
         )
 
@@ -164,14 +162,13 @@ class CPURolloutServer:
         while self._pending:
             await asyncio.sleep(_BATCH_WINDOW_S)
             batch, self._pending = self._pending, []
-            async with self._lock:
-                try:
-                    results = await asyncio.to_thread(self._generate_batch, batch)
-                except Exception as exc:  # every waiting request gets the error, none hangs
-                    for req in batch:
-                        if not req.future.done():
-                            req.future.set_exception(exc)
-                    continue
+            try:
+                results = await asyncio.to_thread(self._generate_batch, batch)
+            except Exception as exc:  # every waiting request gets the error, none hangs
+                for req in batch:
+                    if not req.future.done():
+                        req.future.set_exception(exc)
+                continue
             for req, res in zip(batch, results, strict=True):
                 if not req.future.done():
                     req.future.set_result(res)
