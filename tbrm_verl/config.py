@@ -48,18 +48,102 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def with_profile(overrides: list[str]) -> list[str]:
-    """Add `profile=cpu` (no GPU visible) or `profile=gpu` unless the caller chose a profile."""
-    if any(_override_key(o) == "profile" for o in overrides):
+def _override_value(overrides: list[str], key: str) -> str | None:
+    for o in overrides:
+        if "=" in o and _override_key(o) == key:
+            return o.split("=", 1)[1]
+    return None
+
+
+def cluster_address(overrides: list[str]) -> str | None:
+    """The Ray cluster a run joins (`RAY_ADDRESS` or `ray_kwargs.ray_init.address=...`), None for a local run."""
+    addr = _override_value(overrides, "ray_kwargs.ray_init.address") or os.environ.get("RAY_ADDRESS")
+    return addr if addr and addr not in ("null", "None", "local") else None
+
+
+def primary_config(argv: list[str]) -> tuple[list[str], str]:
+    """(config dirs, config name) that Hydra will load for `argv` (`--config-dir/-cd`, `--config-name/-cn`)."""
+    dirs, name = [], CONFIG_NAME
+    flags = {"--config-dir": "dir", "-cd": "dir", "--config-name": "name", "-cn": "name"}
+    for i, a in enumerate(argv):
+        flag, eq, value = a.partition("=")
+        if flag not in flags:
+            continue
+        if not eq:
+            value = argv[i + 1] if i + 1 < len(argv) else ""
+        if flags[flag] == "dir":
+            dirs.append(value)
+        else:
+            name = value
+    return dirs, name
+
+
+def _recipe_profile(config_name: str, config_dirs: list[str]) -> str | None:
+    """The profile a recipe names in its defaults list (`- override profile: gpu`), if it names one."""
+    import yaml
+
+    for d in config_dirs:
+        path = Path(d) / f"{config_name}.yaml"
+        if path.exists():
+            for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults") or []:
+                if isinstance(entry, dict):
+                    for k, v in entry.items():
+                        if k.split()[-1] == "profile":
+                            return str(v)
+    return None
+
+
+def stated_profile(overrides: list[str], config_name: str = CONFIG_NAME, config_dirs: list[str] = ()) -> str | None:
+    """`profile=...` on the command line, else the one the recipe names; None when nobody chose."""
+    return _override_value(overrides, "profile") or _recipe_profile(config_name, list(config_dirs))
+
+
+def with_profile(overrides: list[str], config_name: str = CONFIG_NAME, config_dirs: list[str] = ()) -> list[str]:
+    """Add `profile=cpu|gpu` from this machine's GPUs, only for a local run whose profile nobody stated.
+
+    A run that joins a Ray cluster keeps the configured profile (gpu unless stated): the driver may sit on a CPU-only
+    login or head node, so its own hardware says nothing about the workers'. The check against the cluster's GPUs
+    happens once connected (`check_profile_on_cluster`)."""
+    if stated_profile(overrides, config_name, config_dirs) or cluster_address(overrides):
         return list(overrides)
     return list(overrides) + ["profile=" + ("gpu" if gpu_available() else "cpu")]
 
 
-def profile_of(overrides: list[str]) -> str:
-    for o in with_profile(overrides):
-        if _override_key(o) == "profile":
-            return o.split("=", 1)[1]
-    raise AssertionError("unreachable")
+def profile_of(overrides: list[str], config_name: str = CONFIG_NAME, config_dirs: list[str] = ()) -> str:
+    """The profile a run will use: stated, else chosen from local GPUs, else the config default (gpu)."""
+    chosen = _override_value(with_profile(overrides, config_name, config_dirs), "profile")
+    return chosen or stated_profile(overrides, config_name, config_dirs) or "gpu"
+
+
+def cfg_profile(cfg: DictConfig) -> str:
+    return "cpu" if cfg.trainer.device == "cpu" else "gpu"
+
+
+_PROFILE_FIX = {
+    "cpu": "use profile=gpu (or hide the GPUs with CUDA_VISIBLE_DEVICES= to test the CPU path)",
+    "gpu": "use profile=cpu, or run where GPUs are (a GPU machine, or a GPU Ray cluster via RAY_ADDRESS)",
+}
+
+
+def check_profile_locally(cfg: DictConfig) -> None:
+    """A local run: the driver's hardware is the workers' hardware."""
+    profile, has_gpu = cfg_profile(cfg), gpu_available()
+    if (profile == "gpu") != has_gpu:
+        seen = "a GPU is visible (torch.cuda.is_available())" if has_gpu else "no GPU is visible on this machine"
+        raise ConfigError(f"profile={profile}: {seen}; {_PROFILE_FIX[profile]}")
+
+
+def check_profile_on_cluster(profile: str, nodes: list[dict]) -> None:
+    """A run on a Ray cluster: GPUs are visible on it when Ray detected an accelerator on a live node.
+
+    Ray gives a node the resource `accelerator_type:<model>` when it finds real GPUs there; logical GPUs declared
+    with `ray start --num-gpus` on CPU nodes (tbrm_verl's CPU profile) have none."""
+    live = [n for n in nodes if n.get("Alive", n.get("alive", True))]
+    detected = sorted({k.split(":", 1)[1] for n in live for k in (n.get("Resources") or {}) if k.startswith("accelerator_type:")})
+    if profile == "gpu" and not detected:
+        raise ConfigError(f"profile=gpu: no GPU is visible on the Ray cluster's {len(live)} node(s); {_PROFILE_FIX['gpu']}")
+    if profile == "cpu" and detected:
+        raise ConfigError(f"profile=cpu: the Ray cluster has GPUs ({', '.join(detected)}); {_PROFILE_FIX['cpu']}")
 
 
 VERL_CONFIG_SEARCHPATH = "pkg://verl.trainer.config"
@@ -82,7 +166,7 @@ def compose(overrides: list[str] = (), config_name: str = CONFIG_NAME, config_di
     from hydra import initialize_config_dir
 
     register_resolvers()
-    overrides = with_searchpath(with_profile(list(overrides)), config_dirs)
+    overrides = with_searchpath(with_profile(list(overrides), config_name, config_dirs), config_dirs)
     primary = str(CONFIG_DIR)
     for d in config_dirs:
         if (Path(d) / f"{config_name}.yaml").exists():
@@ -150,11 +234,25 @@ def check_config(cfg: DictConfig) -> None:
                 "actor_rollout_ref.actor.use_kl_loss=false: verl builds TBRM's reference model only with this flag "
                 "(no KL loss is added); remove the override, or set tbrm.reference_free=true"
             )
-        sp = OmegaConf.select(cfg, "actor_rollout_ref.actor.ulysses_sequence_parallel_size") or 1
-        if sp > 1:
+        for key in ("actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size",
+                    "actor_rollout_ref.actor.ulysses_sequence_parallel_size"):  # the second is verl's deprecated spelling
+            sp = OmegaConf.select(cfg, key) or 1
+            if sp > 1:
+                raise ConfigError(f"{key}={sp}: TBRM reads V(s_1) from unsharded logits (no Ulysses); set {key}=1")
+        if actor.strategy not in ("fsdp", "fsdp2"):
             raise ConfigError(
-                f"actor_rollout_ref.actor.ulysses_sequence_parallel_size={sp}: V(s_1) is read from unsharded logits; "
-                "set it to 1"
+                f"actor_rollout_ref.actor.strategy={actor.strategy}: TBRM's loss hooks into verl's FSDP engine only; "
+                "set actor_rollout_ref.actor.strategy=fsdp2"
+            )
+        if cfg.algorithm.use_kl_in_reward:
+            raise ConfigError(
+                "algorithm.use_kl_in_reward=true: a KL-in-reward penalty needs the old log-probs TBRM never computes "
+                "(and TBRM's KL term is already inside δ via π_ref); set algorithm.use_kl_in_reward=false"
+            )
+        if not OmegaConf.select(cfg, "algorithm.rollout_correction.bypass_mode"):
+            raise ConfigError(
+                "algorithm.rollout_correction.bypass_mode=false: TBRM has no π_old (no importance ratio), and verl "
+                "recomputes old log-probs unless bypassed; set algorithm.rollout_correction.bypass_mode=true"
             )
         if cfg.trainer.v1.trainer_mode != "sync":
             raise ConfigError(f"trainer.v1.trainer_mode={cfg.trainer.v1.trainer_mode}: TBRM's trainer is the sync one; set trainer.v1.trainer_mode=sync")

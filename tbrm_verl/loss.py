@@ -124,7 +124,21 @@ def _values_from_logits(student_logits: torch.Tensor, data, cfg: TBRMLossConfig)
         v = torch.zeros(nnz, dtype=torch.float32, device=logits.device).index_put((idx,), v_s1)
     else:  # brm needs V(s_h) at every response position
         v = torch.logsumexp(logits.float(), dim=-1)
-    return {"tbrm_v": v.unsqueeze(0)}
+    return {"tbrm_v": v.unsqueeze(0), "tbrm_entropy": _entropy_no_grad(logits).unsqueeze(0)}
+
+
+@torch.no_grad()
+def _entropy_no_grad(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Per-token entropy of softmax(logits) for the `actor/entropy` metric, (nnz,) float32.
+
+    In chunks of rows, outside autograd: a float32 [chunk, V] temporary at a time, never a second [tokens, vocab]
+    tensor (verl's own entropy path keeps one for backward)."""
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for i in range(0, logits.shape[0], chunk):
+        z = logits[i : i + chunk].float()
+        logp = torch.log_softmax(z, dim=-1)
+        out[i : i + chunk] = -(logp.exp() * logp).sum(dim=-1)
+    return out
 
 
 def tbrm_loss(cfg: TBRMLossConfig, model_output=None, data=None, dp_group=None, student_logits=None):
@@ -146,7 +160,9 @@ def tbrm_loss(cfg: TBRMLossConfig, model_output=None, data=None, dp_group=None, 
     missing = [f for f in fields if f not in data.keys()]
     if missing:
         raise RuntimeError(f"TBRM loss: batch lacks {missing} (reference model missing while reference_free=false?)")
-    padded = data.select(*fields).to_padded_tensor()
+    # the rollout's own log-probs, for the health metric verl logs only after its old-log-prob pass (skipped here)
+    has_rollout_lp = "rollout_log_probs" in data.keys()
+    padded = data.select(*fields, *(["rollout_log_probs"] if has_rollout_lp else [])).to_padded_tensor()
     mask = padded["response_mask"].bool()
     width = mask.shape[1]
     log_prob, v = log_prob[:, :width], v[:, :width]
@@ -168,8 +184,11 @@ def tbrm_loss(cfg: TBRMLossConfig, model_output=None, data=None, dp_group=None, 
     valid = mask.any(dim=-1)
     dp_size = data["dp_size"]
     global_batch_size = data["global_batch_size"] if "global_batch_size" in data.keys() else None
-    if global_batch_size is None:
-        global_batch_size = valid.sum().clamp(min=1)
+    if global_batch_size is None:  # a guess (e.g. this micro-batch's size) would silently rescale the gradient
+        raise RuntimeError(
+            "TBRM loss: the micro-batch carries no global_batch_size, so the loss cannot be normalised to the mean "
+            "over the global batch; call it through verl's engine update (train_mini_batch), which sets it"
+        )
     scale = dp_size / global_batch_size
 
     def global_mean(x: torch.Tensor) -> torch.Tensor:
@@ -190,4 +209,31 @@ def tbrm_loss(cfg: TBRMLossConfig, model_output=None, data=None, dp_group=None, 
             "actor/tbrm_target": global_mean(reward / cfg.beta),
         }
     metrics = {k: Metric(value=val, aggregation=AggregationType.SUM) for k, val in metrics.items()}
+    metrics.update(_token_metrics(model_output, data, mask, log_prob, padded if has_rollout_lp else None, width))
     return loss, metrics
+
+
+@torch.no_grad()
+def _token_metrics(model_output, data, mask, log_prob, padded, width) -> dict:
+    """verl's health metrics that skipping the old-log-prob pass would drop, from this update's own forward.
+
+    TBRM makes one optimizer step per batch, so the update's log-probs are π_old's: |log π − log π_rollout| per
+    response token (mean and max) is the rollout-vs-training mismatch, and the entropy is π_old's entropy.
+    Token means are normalised like verl's token-mean loss (Σ over this micro-batch / global token count · dp_size),
+    so they sum over micro-batches and average over ranks to the mean over every response token of the batch."""
+    from verl.utils.metric import AggregationType, Metric
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    out = {}
+    num_tokens = data["batch_num_tokens"] if "batch_num_tokens" in data.keys() else None
+    if padded is not None:
+        diff = torch.where(mask, (log_prob.detach() - padded["rollout_log_probs"][:, :width].float()).abs(), 0.0)
+        out["actor/tbrm_rollout_log_prob_diff_max"] = Metric(value=diff.max(), aggregation=AggregationType.MAX)
+        if num_tokens:
+            out["actor/tbrm_rollout_log_prob_diff_mean"] = Metric(
+                value=diff.sum() * data["dp_size"] / num_tokens, aggregation=AggregationType.SUM)
+    entropy = model_output.get("tbrm_entropy", model_output.get("entropy")) if hasattr(model_output, "get") else None
+    if entropy is not None and num_tokens:
+        ent = torch.where(mask, no_padding_2_padding(entropy, data)[:, :width].float(), 0.0)
+        out["actor/entropy"] = Metric(value=ent.sum() * data["dp_size"] / num_tokens, aggregation=AggregationType.SUM)
+    return out

@@ -1,8 +1,10 @@
 """`python -m tbrm_verl.main [method=tbrm|ppo|grpo] [key=value ...]`: TBRM, PPO and GRPO through verl's trainer.
 
 With no arguments it trains TBRM on the embedded default (a tiny model and task built locally on first use).
-The hardware profile is picked here, before verl is imported: `profile=cpu` when no GPU is visible (verl then runs
-on tbrm_verl's CPU platform), else `profile=gpu`; pass `profile=...` to choose.
+The hardware profile is settled here, before verl is imported: the one passed (`profile=cpu|gpu`) or named by the
+recipe; else, for a local run, `profile=cpu` when no GPU is visible (verl then runs on tbrm_verl's CPU platform) and
+`profile=gpu` otherwise. A run that joins a Ray cluster (`RAY_ADDRESS`) is never switched by the driver's own
+hardware: it keeps the configured profile (gpu), checked against the cluster's GPUs once connected.
 """
 
 from __future__ import annotations
@@ -10,12 +12,21 @@ from __future__ import annotations
 import os
 import sys
 
-from tbrm_verl.config import CONFIG_DIR, CONFIG_NAME, ConfigError, profile_of, with_profile, with_searchpath
+from tbrm_verl.config import (
+    CONFIG_DIR,
+    CONFIG_NAME,
+    ConfigError,
+    primary_config,
+    profile_of,
+    with_profile,
+    with_searchpath,
+)
 
 
 def _select_platform(argv: list[str]) -> None:
     overrides = [a for a in argv if not a.startswith("-")]
-    if profile_of(overrides) == "cpu":
+    dirs, name = primary_config(argv)
+    if profile_of(overrides, name, dirs) == "cpu":
         os.environ["VERL_PLATFORM"] = "cpu"  # read by tbrm_verl's plugin when verl is imported, in every process
         os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -35,9 +46,11 @@ def run(cfg) -> None:
     from omegaconf import OmegaConf, open_dict
 
     from tbrm_verl import report
-    from tbrm_verl.config import check_config, check_with_verl, finish_config
+    from tbrm_verl.config import check_config, check_profile_locally, check_with_verl, finish_config
     from tbrm_verl.data_check import check_data
 
+    if not (os.environ.get("RAY_ADDRESS") or cfg.ray_kwargs.ray_init.get("address")):
+        check_profile_locally(cfg)  # a cluster's hardware is checked by the TaskRunner, once connected
     check_config(cfg)
     cfg = finish_config(cfg)
     OmegaConf.resolve(cfg)
@@ -83,7 +96,9 @@ def run(cfg) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    argv = with_profile(argv) if not any(a in ("-h", "--help", "--hydra-help") for a in argv) else argv
+    if not any(a in ("-h", "--help", "--hydra-help") for a in argv):
+        dirs, name = primary_config(argv)
+        argv = with_profile(argv, name, dirs)
     argv = with_searchpath(argv)
     _select_platform(argv)
 
@@ -99,8 +114,8 @@ def main(argv: list[str] | None = None) -> None:
 
         try:
             run(cfg)
-        except ConfigError as exc:
-            print(f"tbrm_verl: config error: {exc}", file=sys.stderr)
+        except ConfigError as exc:  # raised here, or in the TaskRunner (then wrapped by Ray: keep the cause's line)
+            print(f"tbrm_verl: config error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
             raise SystemExit(2)
         except Exception as exc:
             line = user_facing_line(exc)

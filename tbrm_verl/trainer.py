@@ -21,6 +21,7 @@ from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
+from tbrm_verl.config import cfg_profile, check_profile_on_cluster
 from tbrm_verl.loss import TBRMLossConfig, tbrm_loss
 
 
@@ -78,6 +79,8 @@ class TBRMTaskRunner(TaskRunnerV1.__ray_actor_class__):
     """verl's v1 TaskRunner, with the `sync` trainer mode served by TBRMTrainerSync (TBRM) or SyncTrainer."""
 
     def run(self, config):
+        # Here, on the cluster, the workers' hardware is known: refuse a profile that does not match it.
+        check_profile_on_cluster(cfg_profile(config), ray.nodes())
         # verl's registry refuses re-registration of a name; the mode name stays `sync` on purpose (the string
         # switches replay-buffer and checkpoint behaviour), so the entry is replaced directly.
         trainer_base.TRAINER_REGISTRY["sync"] = TBRMTrainerSync if config.tbrm.enable else SyncTrainer

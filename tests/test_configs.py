@@ -80,6 +80,13 @@ BAD = [
     (["tbrm.loss_variant=pairwise"], "tbrm.loss_variant"),
     (["tbrm.reward_convention=percent"], "tbrm.reward_convention"),
     (["method=ppo", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64"], "ppo_micro_batch_size_per_gpu=64"),
+    # would otherwise fail late: in the loss, in a device-mesh assertion, or after a whole rollout
+    (["actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2"],
+     "actor_rollout_ref.actor.fsdp_config.ulysses_sequence_parallel_size=2"),
+    (["actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"], "actor_rollout_ref.actor.ulysses_sequence_parallel_size=2"),
+    (["algorithm.use_kl_in_reward=true"], "algorithm.use_kl_in_reward=true"),
+    (["algorithm.rollout_correction.bypass_mode=false"], "algorithm.rollout_correction.bypass_mode=false"),
+    (["actor_rollout_ref.actor.strategy=megatron"], "actor_rollout_ref.actor.strategy=megatron"),
 ]
 
 
@@ -93,7 +100,7 @@ def test_bad_config_is_one_line_naming_the_key(overrides, key):
     assert key in msg
 
 
-@pytest.mark.parametrize("overrides, key", [BAD[0], BAD[8]])
+@pytest.mark.parametrize("overrides, key", [BAD[0], BAD[8], BAD[13]])
 def test_cli_prints_one_line_and_exits_2(overrides, key, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tbrm_verl.main", *overrides, f"tbrm.run_dir={tmp_path}/run"],

@@ -151,7 +151,11 @@ def _td(b, idx, dp_size, global_bs):
         },
         batch_size=[len(idx)],
     )
+    if "rollout" in b:  # the rollout's own log-probs, as verl's agent loop stores them
+        td["rollout_log_probs"] = resp_nested(b["rollout"])
     tu.assign_non_tensor(td, dp_size=dp_size, global_batch_size=global_bs)  # as verl's workers do
+    if b.get("batch_num_tokens") is not None:  # the engine sets it: response tokens of the global batch
+        tu.assign_non_tensor(td, batch_num_tokens=b["batch_num_tokens"])
     return td
 
 
@@ -302,3 +306,52 @@ def test_loss_without_logits_hook_fails_clearly():
     data = _td(b, list(range(6)), 1, 6)
     with pytest.raises(RuntimeError, match="logits hook"):
         tbrm_loss(TBRMLossConfig(), model_output={"log_probs": None}, data=data)
+
+
+def test_loss_without_global_batch_size_raises_instead_of_guessing():
+    b = _make_batch()
+    with pytest.raises(RuntimeError, match="global_batch_size"):
+        _run_loss(b, list(range(6)), b["logits"], TBRMLossConfig(beta=0.05), 1, None)
+
+
+def test_rollout_mismatch_and_entropy_metrics_equal_direct_computation():
+    """The health metrics verl drops with the old-log-prob pass, logged from the update instead: per response token,
+    |log π − log π_rollout| (mean, max) and the entropy of π; split over micro-batches and 2 ranks, aggregated the
+    way verl aggregates them, they equal the same quantities computed directly over the whole batch."""
+    from verl.utils.metric import Metric
+
+    b = _make_batch(B=6, seed=11)
+    g = torch.Generator().manual_seed(5)
+    b["rollout"] = -torch.rand(b["mask"].shape, generator=g) * 3
+    b["batch_num_tokens"] = int(b["mask"].sum())
+    off = _offsets(b)
+    diffs, ents = [], []  # direct: token by token, no verl code
+    for i in range(6):
+        p, n = b["prompt_lens"][i], b["resp_lens"][i]
+        for t in range(n):
+            z = b["logits"][off[i] + p - 1 + t].float()
+            logp = torch.log_softmax(z, -1)
+            diffs.append(abs(logp[b["seqs"][i][p + t]].item() - b["rollout"][i, t].item()))
+            ents.append(-(logp.exp() * logp).sum().item())
+    assert len(diffs) == b["batch_num_tokens"]
+
+    per_rank = []
+    for rank_idx in ([[0, 1], [2]], [[3], [4, 5]]):
+        collected: dict[str, list] = {}
+        for idx in rank_idx:
+            _, metrics = _run_loss(b, idx, b["logits"], TBRMLossConfig(beta=0.05), dp_size=2, global_bs=6)
+            for k, m in metrics.items():
+                collected.setdefault(k, []).append(m)
+        per_rank.append(collected)
+    agg = {}
+    for k in per_rank[0]:
+        ranks = []
+        for r in per_rank:
+            m = r[k][0].init_list()
+            for x in r[k]:
+                m.extend(x)
+            ranks.append(m)
+        agg[k] = Metric.aggregate_dp(ranks)
+    assert agg["actor/tbrm_rollout_log_prob_diff_mean"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-5)
+    assert agg["actor/tbrm_rollout_log_prob_diff_max"] == pytest.approx(max(diffs), rel=1e-6)
+    assert agg["actor/entropy"] == pytest.approx(sum(ents) / len(ents), rel=1e-5)
