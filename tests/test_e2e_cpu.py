@@ -191,6 +191,13 @@ def test_tbrm_with_reference(runs, initial_weights):
         lhs = d["actor/tbrm_residual_mean"]
         rhs = d["actor/tbrm_v_s1"] + d["actor/tbrm_log_ratio_sum"] - d["actor/tbrm_target"]
         assert abs(lhs - rhs) <= 1e-3 + 1e-5 * abs(d["actor/tbrm_target"]), (step, lhs, rhs)
+        # Rollout-vs-training mismatch, logged from the update (verl's own metric needs the skipped π_old pass).
+        # The cpu_hf rollout and the actor both run the synced weights in float32, so log π_rollout = log π up to
+        # round-off: a rollout serving stale weights would show the policy's per-step change (log_ratio_sum moves
+        # by ~0.1 per step here).
+        lo, hi = d["actor/tbrm_rollout_log_prob_diff_mean"], d["actor/tbrm_rollout_log_prob_diff_max"]
+        assert 0.0 <= lo <= hi <= 1e-3, (step, lo, hi)
+        assert 0.0 < d["actor/entropy"] <= math.log(320), (step, d["actor/entropy"])  # 320-token vocabulary
     first = m[1]
     # Step 1: the actor is the reference, so log π − log π_ref = 0 token by token and δ = V(s_1) − r/β.
     assert abs(first["actor/tbrm_log_ratio_sum"]) <= 1e-4, first["actor/tbrm_log_ratio_sum"]
