@@ -16,6 +16,7 @@ kill other users' Ray runs on a shared machine). Ports are free ones picked at r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -90,7 +91,7 @@ def _kill_all(pids: set[int], grace_s: float = 10.0) -> None:
 class LoopbackRayCluster:
     """`ray start --block` head and workers on 127.0.0.1, each with its own ports."""
 
-    def __init__(self, root: Path, n_nodes: int, cpus: int = 8, gpus: int = 1):
+    def __init__(self, root: Path, n_nodes: int, cpus: int = 8, gpus: int = 1, resources: dict | None = None):
         self.root = root
         self.temp_dir = root / "ray"
         token = root / "auth_token"
@@ -110,7 +111,7 @@ class LoopbackRayCluster:
             p = [ports.pop() for _ in range(6)]
             cmd = [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
                    f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={self.temp_dir}",
-                   "--object-store-memory=500000000",
+                   "--object-store-memory=500000000", *([f"--resources={json.dumps(resources)}"] if resources else []),
                    f"--node-manager-port={p[0]}", f"--object-manager-port={p[1]}",
                    f"--dashboard-agent-listen-port={p[2]}", f"--dashboard-agent-grpc-port={p[3]}",
                    f"--metrics-export-port={p[4]}", f"--runtime-env-agent-port={p[5]}"]
@@ -180,12 +181,12 @@ class LoopbackRayCluster:
         _kill_all(pids)  # whatever `ray start --block` left: by process group and parentage, never by name
 
 
-@pytest.fixture
-def cluster():
+@contextlib.contextmanager
+def _loopback_cluster(n_nodes: int, **kw):
     root = Path(tempfile.mkdtemp(prefix="tbrm_mn_", dir="/tmp"))  # short: Ray's unix socket paths are length-limited
     c = None
     try:
-        c = LoopbackRayCluster(root, n_nodes=2)
+        c = LoopbackRayCluster(root, n_nodes=n_nodes, **kw)
         yield c
     finally:
         if c is not None:
@@ -194,6 +195,12 @@ def cluster():
             print(f"\nkept {root} (TBRM_KEEP_TMP)")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def cluster():
+    with _loopback_cluster(2) as c:
+        yield c
 
 
 def _steps(metrics: Path) -> dict[int, dict]:
@@ -215,7 +222,9 @@ def test_two_ray_nodes_two_fsdp_ranks(cluster):
 
     run_dir = cluster.root / "run"
     env = {**cluster.env, "RAY_ADDRESS": cluster.address}  # only the trainer's environment
-    cmd = [PY, "-m", "tbrm_verl.main", "trainer.nnodes=2", "trainer.n_gpus_per_node=1",
+    # On a cluster the driver never picks the profile from its own hardware: the CPU profile is stated (without
+    # it the configured gpu profile is refused against these GPU-less nodes: test_profile_mismatch_on_a_cluster)
+    cmd = [PY, "-m", "tbrm_verl.main", "profile=cpu", "trainer.nnodes=2", "trainer.n_gpus_per_node=1",
            "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.test_freq=-1",
            "trainer.val_before_train=false",
            f"tbrm.run_dir={run_dir}", *TWO_RANK_OVERRIDES]
@@ -249,3 +258,22 @@ def test_two_ray_nodes_two_fsdp_ranks(cluster):
     assert {a["node"] for a in ranks} == node_ids, f"FSDP ranks not on both nodes {node_ids}:\n{summary}"
     print(f"\ncluster up {t_cluster:.0f} s, training {t_train:.0f} s; FSDP rank actors:\n"
           + "\n".join(f"  {a['cls']} {a['name']} on {a['node'][:12]}" for a in ranks))
+
+
+@pytest.mark.parametrize("accelerator, args, profile", [
+    (None, [], "gpu"),  # nothing stated on a cluster: the configured gpu profile, and no GPU on the nodes
+    ("H100", ["profile=cpu"], "cpu"),  # the CPU profile on a node where Ray detected GPUs
+])
+def test_profile_mismatch_on_a_cluster_is_one_line(accelerator, args, profile):
+    """The TaskRunner, on the cluster, refuses a profile that does not match the nodes' GPUs; the driver prints the
+    one line and exits 2. A detected GPU is faked with the resource Ray gives such a node (accelerator_type:<model>)."""
+    resources = {f"accelerator_type:{accelerator}": 1} if accelerator else None
+    with _loopback_cluster(1, resources=resources) as c:
+        c.wait_for_nodes(1)
+        env = {**c.env, "RAY_ADDRESS": c.address}
+        r = subprocess.run([PY, "-m", "tbrm_verl.main", *args, f"tbrm.run_dir={c.root / 'run'}"], env=env,
+                           cwd=c.root, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+    assert r.returncode == 2, r.stderr[-4000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("tbrm_verl: config error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"tbrm_verl: config error: profile={profile}:"), r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
