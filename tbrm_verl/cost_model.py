@@ -940,7 +940,7 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", help="also write all numbers to this JSON file")
     ap.add_argument("--recipe", help="check a recipe: a config name in --config-dir or a path to a .yaml; prints "
                     "its per-GPU memory by phase and exits 1 when the predicted peak exceeds the GPU memory (the "
-                    "recipe header's 'Nx GPU MGB', else 80 GB, or --mem-gb)")
+                    "recipe header's 'Nx GPU MGB', else 80 GB, or --mem-gb), 2 when it cannot be checked")
     ap.add_argument("--config-dir", default=str(RECIPES_DIR), help="where --recipe names are looked up")
     ap.add_argument("overrides", nargs="*", help="with --recipe: Hydra overrides (key=value), as for tbrm_verl.main")
     return ap
@@ -1037,8 +1037,12 @@ def main(argv=None) -> int:
     if a.recipe:
         if a.mem_gb:
             hw = replace(hw, name=f"{a.mem_gb:g} GB per GPU from --mem-gb")
-        name, st = recipe_setting(a.recipe, a.overrides, a.config_dir, hw=hw if a.mem_gb else None,
-                                  response_len=a.response_len)
+        try:
+            name, st = recipe_setting(a.recipe, a.overrides, a.config_dir, hw=hw if a.mem_gb else None,
+                                      response_len=a.response_len)
+        except (FileNotFoundError, ValueError) as exc:  # no such recipe; a setting the model does not cover
+            print(f"tbrm_verl.cost_model: {exc}", file=sys.stderr)
+            return 2  # 1 means "does not fit"
         p = st.predict()
         print(_format_recipe(name, st, p))
         if a.json:
