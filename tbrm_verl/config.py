@@ -321,7 +321,13 @@ def check_with_verl(cfg: DictConfig) -> None:
 
 
 def finish_config(cfg: DictConfig) -> DictConfig:
-    """Fill in what composing cannot: the embedded default's built paths, an absolute run directory."""
+    """Fill in what composing cannot: the embedded default's built paths; local paths made absolute."""
+
+    def absolute(p):  # against this process's directory: the TaskRunner and workers may run elsewhere (SLURM)
+        if not isinstance(p, str) or p in ("", "embedded") or not is_local_path(p) or p.startswith("file://"):
+            return p
+        return os.path.abspath(os.path.expanduser(p))
+
     with open_dict(cfg):
         if "embedded" in (cfg.actor_rollout_ref.model.path, cfg.data.train_files, cfg.data.val_files):
             from tbrm_verl.embedded import ensure_embedded_assets
@@ -333,6 +339,18 @@ def finish_config(cfg: DictConfig) -> DictConfig:
                 cfg.data.train_files = assets["train_file"]
             if cfg.data.val_files == "embedded":
                 cfg.data.val_files = assets["val_file"]
+        # relative data files (overrides, a relative $TBRM_DATA_DIR), local models, a reward file: fixed here, once
+        for key in ("data.train_files", "data.val_files"):
+            v = OmegaConf.select(cfg, key)
+            if v is not None:
+                OmegaConf.update(cfg, key, absolute(v) if isinstance(v, str) else [absolute(x) for x in v], merge=False)
+        for key in ("actor_rollout_ref.model.path", "actor_rollout_ref.model.tokenizer_path", "critic.model.path",
+                    "critic.model.tokenizer_path"):
+            v = OmegaConf.select(cfg, key)
+            if isinstance(v, str) and os.path.exists(os.path.expanduser(v)):  # else a hub name: left as it is
+                OmegaConf.update(cfg, key, absolute(v), merge=False)
+        if OmegaConf.select(cfg, "reward.custom_reward_function.path"):
+            cfg.reward.custom_reward_function.path = absolute(cfg.reward.custom_reward_function.path)
         from tbrm_verl.reward_guard import guard_config
 
         guard_config(cfg)

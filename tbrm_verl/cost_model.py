@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import re
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
@@ -48,6 +50,11 @@ __all__ = [
     "predict_all",
     "ratios_vs",
     "paper_setting",
+    "Setting",
+    "model_spec_for",
+    "from_config",
+    "stated_hardware",
+    "fit_line",
     "compare_with_paper",
     "compare_with_bench",
     "main",
@@ -97,10 +104,11 @@ class ModelSpec:
         return max(self.params - self.embedding_params, 0.0) / self.layers
 
 
-def qwen2_param_count(vocab, hidden, layers, intermediate, num_heads, num_kv_heads, head_dim, tied) -> int:
-    """Exact parameter count of a HF Qwen2 model (q/k/v biases, no o bias, RMSNorm weights)."""
-    q = hidden * num_heads * head_dim + num_heads * head_dim
-    kv = 2 * (hidden * num_kv_heads * head_dim + num_kv_heads * head_dim)
+def qwen2_param_count(vocab, hidden, layers, intermediate, num_heads, num_kv_heads, head_dim, tied,
+                      qkv_bias: bool = True) -> int:
+    """Exact parameter count of a HF Qwen2 model (q/k/v biases, no o bias, RMSNorm weights); qkv_bias=False: Llama."""
+    q = hidden * num_heads * head_dim + (num_heads * head_dim if qkv_bias else 0)
+    kv = 2 * (hidden * num_kv_heads * head_dim + (num_kv_heads * head_dim if qkv_bias else 0))
     o = num_heads * head_dim * hidden
     mlp = 3 * hidden * intermediate
     norms = 2 * hidden
@@ -128,8 +136,10 @@ PRESETS: dict[str, ModelSpec] = {
 class Workload:
     """One training step. `response_len` is the (mean) generated length used for FLOPs/time; `max_response_len`
     (default = response_len) sizes activations and the vLLM KV budget. `micro_batch_size` is sequences per GPU per
-    micro-batch (training and log-prob passes). `ppo_mini_batch_size` is in prompts (None: one optimizer step per
-    batch, as TBRM does)."""
+    micro-batch of the actor update, and of every other pass whose own size is None: `log_prob_micro_batch_size`
+    (π_old forward, verl's rollout.log_prob_micro_batch_size_per_gpu), `ref_micro_batch_size` (reference forward),
+    `critic_micro_batch_size` (critic update) and `critic_forward_micro_batch_size` (values). `ppo_mini_batch_size` is
+    in prompts (None: one optimizer step per batch, as TBRM does)."""
 
     prompt_len: int
     response_len: int
@@ -146,10 +156,20 @@ class Workload:
     free_cache_engine: bool = True  # vLLM sleeps (frees weights + KV) outside rollout
     gradient_checkpointing: bool = True
     kv_cache_gb: float | None = None  # override vLLM's KV-cache budget per GPU (default: fraction − weights − workspace)
+    log_prob_micro_batch_size: int | None = None
+    ref_micro_batch_size: int | None = None
+    critic_micro_batch_size: int | None = None
+    critic_forward_micro_batch_size: int | None = None
 
     @property
     def max_resp(self) -> int:
         return self.max_response_len if self.max_response_len is not None else self.response_len
+
+    def mb(self, phase: str) -> int:
+        """Sequences per GPU per micro-batch in `phase`."""
+        own = {"old_log_prob": self.log_prob_micro_batch_size, "ref": self.ref_micro_batch_size,
+               "update_critic": self.critic_micro_batch_size, "values": self.critic_forward_micro_batch_size}.get(phase)
+        return own if own else self.micro_batch_size
 
 
 @dataclass(frozen=True)
@@ -173,6 +193,9 @@ class Hardware:
     other_fixed_s: float = 2.0  # per step: vLLM wake/sleep, reward set-up, advantage, metrics, data loading
     other_per_sample_s: float = 0.002  # per trajectory: reward scoring (process pool), bookkeeping
     vllm_workspace_gb: float = 1.0  # vLLM activation workspace / CUDA graphs per GPU, taken from its budget
+    # what each vLLM worker keeps on its GPU outside that budget and through sleep mode: its own CUDA context and
+    # allocator/graph pools (sleep frees only the "weights" and "kv_cache" pools)
+    vllm_resident_gb: float = 1.0
     runtime_overhead_gb: float = 2.0  # CUDA context, NCCL buffers, allocator slack per GPU (device-level peak)
 
 
@@ -211,6 +234,7 @@ def cpu_hardware(
         other_fixed_s=other_fixed_s,
         other_per_sample_s=kw.pop("other_per_sample_s", 0.0),
         vllm_workspace_gb=0.0,
+        vllm_resident_gb=0.0,
         runtime_overhead_gb=runtime_overhead_gb,
         **kw,
     )
@@ -218,13 +242,15 @@ def cpu_hardware(
 
 @dataclass(frozen=True)
 class Offload:
-    """FSDP offload flags (verl 0.9.1 defaults: all False)."""
+    """FSDP offload flags, verl 0.9.1's defaults: actor and critic resident (fsdp_config.param_offload /
+    optimizer_offload false, critic: critic.fsdp.*), reference offloaded: verl builds the reference engine with
+    `ref.fsdp_config.forward_only=true`, which wraps it in FSDP CPU offload (params on the host, streamed per unit)."""
 
     actor_param: bool = False
     actor_optimizer: bool = False
     critic_param: bool = False
     critic_optimizer: bool = False
-    ref_param: bool = False
+    ref_param: bool = True
 
 
 @dataclass(frozen=True)
@@ -323,12 +349,12 @@ def _rollout(model: ModelSpec, w: Workload, m: MethodSpec, hw: Hardware) -> dict
 
 
 def _fsdp_pass_s(model: ModelSpec, w: Workload, hw: Hardware, flops_total: float, n_traj: int, mfu: float,
-                 train: bool) -> float:
+                 train: bool, micro_batch_size: int | None = None) -> float:
     """Time of a forward-only or forward+backward pass over the batch. Each GPU runs
     ceil(n_traj / G / micro_batch_size) micro-batches; per micro-batch, compute and the FSDP collectives (bf16
     all-gather per forward and per backward, fp32 reduce-scatter of grads) overlap: max(compute, comm)."""
     G = w.n_gpus
-    n_mb = max(math.ceil(n_traj / G / w.micro_batch_size), 1)
+    n_mb = max(math.ceil(n_traj / G / (micro_batch_size or w.micro_batch_size)), 1)
     compute_mb = flops_total / (n_mb * G) / (hw.peak_flops * mfu)
     return n_mb * max(compute_mb, _fsdp_comm_bytes(model, G, train) / hw.interconnect_bw)
 
@@ -366,7 +392,8 @@ def _phase_times(model: ModelSpec, w: Workload, m: MethodSpec, hw: Hardware, off
             load = 2 * h2d(4 * P)
         if phase == "values" and off.critic_param:
             load = 2 * h2d(4 * P)
-        t[phase] = _fsdp_pass_s(model, w, hw, fl[phase], c["trajectories"], hw.mfu_forward, train=False) + load + hw.phase_overhead_s
+        t[phase] = (_fsdp_pass_s(model, w, hw, fl[phase], c["trajectories"], hw.mfu_forward, train=False,
+                                 micro_batch_size=w.mb(phase)) + load + hw.phase_overhead_s)
     for phase, param_off, opt_off in (
         ("update_actor", off.actor_param, off.actor_optimizer),
         ("update_critic", off.critic_param, off.critic_optimizer),
@@ -375,7 +402,8 @@ def _phase_times(model: ModelSpec, w: Workload, m: MethodSpec, hw: Hardware, off
             continue
         load = (2 * h2d(8 * P) if param_off else 0.0) + (2 * h2d(8 * P) if opt_off else 0.0)
         t[phase] = (
-            _fsdp_pass_s(model, w, hw, fl[phase], c["trajectories"], hw.mfu_train, train=True)
+            _fsdp_pass_s(model, w, hw, fl[phase], c["trajectories"], hw.mfu_train, train=True,
+                         micro_batch_size=w.mb(phase))
             + n_updates * _optimizer_step_s(model, w, hw)
             + load
             + hw.phase_overhead_s
@@ -387,71 +415,87 @@ def _phase_times(model: ModelSpec, w: Workload, m: MethodSpec, hw: Hardware, off
 
 # ------------------------------------------------------------------------------------------------------- memory
 def _memory(model: ModelSpec, w: Workload, m: MethodSpec, hw: Hardware, off: Offload) -> dict:
-    """Per-GPU bytes resident in each phase, and the peaks.
+    """Per-GPU bytes resident in each phase, and the peaks (verl 0.9.1's FSDP engine workers + vLLM in hybrid mode).
 
-    states: fp32 params (4) + fp32 grads (4) + Adam m, v (8) = 16 bytes/param, FSDP-sharded over the GPUs (grads
-    stay allocated between steps: verl zeroes them at the start of the next update). Reference: bf16 params,
-    sharded. An offloaded state is resident only in its own phase(s).
-    activations (one micro-batch of T_mb = micro_batch_size·(prompt + max_response) tokens):
+    states: fp32 params (4) + fp32 grads (4) + Adam m, v (8) = 16 bytes/param, FSDP-sharded over the GPUs. The grads
+    exist during an update only: verl's engine leaves train mode with `optimizer.zero_grad()` (set_to_none), so
+    outside update_actor / update_critic a model holds 12 bytes/param. Reference: bf16 params, sharded. An offloaded
+    state is resident only in its own phase(s) (verl loads it on entering the engine's train/eval mode).
+    activations (one micro-batch of T_mb = micro-batch·(prompt + max_response) tokens, the phase's own micro-batch):
       train, gradient checkpointing: L·T·d·2 (layer inputs) + T·(10·d + 4·ffn)·2 (one layer recomputed)
              + T·V·2·2 (bf16 logits + their gradient; not for the critic's value head); without checkpointing the
              per-layer term is kept for all L.
       forward only: T·(10·d + 4·ffn)·2 + T·V·2 (logits) + T·V·4 (fp32 log-softmax workspace).
     FSDP unsharded buffers: bf16 params of 2 layers (current + prefetch) + the root unit (embeddings, lm head);
       in backward also fp32 grads of 2 layers + root before reduce-scatter.
-    vLLM: gpu_memory_utilization · device memory while it is awake (rollout; always if free_cache_engine=False).
+    vLLM: gpu_memory_utilization · device memory while it is awake (vLLM ≥ 0.10 sizes its KV cache so that its own
+      total is that fraction of the device, whatever else is resident), i.e. in rollout, and in every phase when
+      free_cache_engine=False; asleep (level 2: weights and KV cache released) only `vllm_resident_gb` remains, which
+      is also counted while awake (CUDA context, outside the fraction).
     """
     G, P = w.n_gpus, model.params
     d, L, V = model.hidden, model.layers, model.vocab
-    T_mb = w.micro_batch_size * (w.prompt_len + w.max_resp)
+    T_seq = w.prompt_len + w.max_resp
     states = {
         "actor": 16 * P / G,
         "critic": 16 * P / G if m.critic else 0.0,
         "ref": 2 * P / G if m.reference else 0.0,
     }
-    layer_act = T_mb * (10 * d + 4 * model.ffn) * 2
-    if w.gradient_checkpointing:
-        act_train = L * T_mb * d * 2 + layer_act + T_mb * V * 2 * 2
-    else:
-        act_train = L * layer_act + T_mb * V * 2 * 2
-    act_fwd = layer_act + T_mb * V * (2 + 4)
+
+    def layer_act(T):
+        return T * (10 * d + 4 * model.ffn) * 2
+
+    def act_train(T, logits=True):
+        per_layer = L * T * d * 2 + layer_act(T) if w.gradient_checkpointing else L * layer_act(T)
+        return per_layer + (T * V * 2 * 2 if logits else 0.0)
+
+    def act_fwd(T):
+        return layer_act(T) + T * V * (2 + 4)
+
     unsharded_fwd = 2 * (2 * model.layer_params + model.embedding_params)  # bf16: 2 layers + root unit
     unsharded_train = unsharded_fwd + 4 * (2 * model.layer_params + model.embedding_params)  # + fp32 grads
+    uses_vllm = w.gpu_memory_utilization > 0
     vllm = w.gpu_memory_utilization * hw.mem_gb * GB
 
+    def model_states(phase, param_off, opt_off, own_phases, update_phase):
+        params = 4 * P / G if (not param_off or phase in own_phases) else 0.0
+        grads = 4 * P / G if phase == update_phase else 0.0
+        opt = 8 * P / G if (not opt_off or phase == update_phase) else 0.0
+        return params + grads + opt
+
     def resident(phase: str) -> dict:
-        r = {}
-        # actor: params+grads (8 B/param), optimizer (8 B/param)
-        a_par = 8 * P / G if (not off.actor_param or phase in ("update_actor", "old_log_prob")) else 0.0
-        a_opt = 8 * P / G if (not off.actor_optimizer or phase == "update_actor") else 0.0
-        r["actor_states"] = a_par + a_opt
+        r = {"actor_states": model_states(phase, off.actor_param, off.actor_optimizer,
+                                          ("update_actor", "old_log_prob"), "update_actor")}
         if m.critic:
-            c_par = 8 * P / G if (not off.critic_param or phase in ("update_critic", "values")) else 0.0
-            c_opt = 8 * P / G if (not off.critic_optimizer or phase == "update_critic") else 0.0
-            r["critic_states"] = c_par + c_opt
+            r["critic_states"] = model_states(phase, off.critic_param, off.critic_optimizer,
+                                              ("update_critic", "values"), "update_critic")
         if m.reference:
             r["ref_params"] = states["ref"] if (not off.ref_param or phase == "ref") else 0.0
+        T = w.mb(phase) * T_seq
         if phase in ("update_actor", "update_critic"):
-            r["activations"] = act_train if phase == "update_actor" else act_train - T_mb * V * 2 * 2  # value head
+            r["activations"] = act_train(T, logits=phase == "update_actor")  # the critic has a value head
             r["fsdp_unsharded"] = unsharded_train
         elif phase in ("ref", "old_log_prob", "values"):
-            r["activations"] = act_fwd if phase != "values" else layer_act  # value head: no [T, V] logits
+            r["activations"] = act_fwd(T) if phase != "values" else layer_act(T)  # value head: no [T, V] logits
             r["fsdp_unsharded"] = unsharded_fwd
         r["vllm"] = vllm if (phase == "gen" or not w.free_cache_engine) else 0.0
+        r["vllm_resident"] = hw.vllm_resident_gb * GB if uses_vllm else 0.0
         return r
 
     phases = ["gen"] + [p for p in TRAIN_PHASES if _phase_active(m, p)]
     per_phase = {p: resident(p) for p in phases}
-    train_side = {p: sum(v for k, v in r.items() if k != "vllm") for p, r in per_phase.items()}
+    train_side = {p: sum(v for k, v in r.items() if not k.startswith("vllm")) for p, r in per_phase.items()}
     device = {p: sum(r.values()) + hw.runtime_overhead_gb * GB for p, r in per_phase.items()}
     peak_train_phase = max((p for p in phases if p != "gen"), key=lambda p: train_side[p])
     peak_device_phase = max(phases, key=lambda p: device[p])
+    fwd_mb = max(w.mb("ref") if m.reference else 0, w.mb("old_log_prob") if m.old_log_prob else 0) or w.mb("ref")
     return {
         "states_gb": {k: v / GB for k, v in states.items()},
-        "activations_train_gb": act_train / GB,
-        "activations_forward_gb": act_fwd / GB,
+        "activations_train_gb": act_train(w.mb("update_actor") * T_seq) / GB,
+        "activations_forward_gb": act_fwd(fwd_mb * T_seq) / GB,
         "vllm_reserved_gb": vllm / GB,
         "per_phase_gb": {p: {k: v / GB for k, v in r.items()} for p, r in per_phase.items()},
+        "device_gb": {p: v / GB for p, v in device.items()},
         "peak_train_gb": train_side[peak_train_phase] / GB,
         "peak_train_phase": peak_train_phase,
         "peak_device_gb": device[peak_device_phase] / GB,
@@ -585,6 +629,175 @@ def compare_with_paper(
             "ratios_vs_ppo_n1": ratios_vs(preds), "paper_comparison": cmp}
 
 
+# ------------------------------------------------------------------------------------------------ from a config
+HF_ARCHITECTURES = ("qwen2", "llama", "mistral")  # decoder layouts qwen2_param_count counts exactly
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Everything predict() needs, as read from one composed tbrm_verl config (see from_config)."""
+
+    model: ModelSpec
+    workload: Workload
+    method: MethodSpec
+    hardware: Hardware
+    offload: Offload
+
+    def predict(self) -> Prediction:
+        return predict(self.model, self.workload, self.method, self.hardware, self.offload)
+
+
+def model_spec_for(path: str) -> ModelSpec:
+    """The ModelSpec of a model path: a local directory's config.json if there is one, else a preset named like the
+    path's last component (`Qwen/Qwen2.5-Math-7B` -> qwen2.5-math-7b)."""
+    local = os.path.join(os.path.expanduser(str(path)), "config.json")
+    if os.path.isfile(local):
+        with open(local, encoding="utf-8") as f:
+            return model_spec_from_hf_config(json.load(f), name=str(path))
+    key = os.path.basename(os.path.normpath(str(path))).lower()
+    if key in PRESETS:
+        return PRESETS[key]
+    raise ValueError(f"model {path}: no config.json there and no preset named {key!r} (presets: "
+                     f"{', '.join(sorted(PRESETS))}); point actor_rollout_ref.model.path at a local model directory")
+
+
+def model_spec_from_hf_config(c: dict, name: str = "hf") -> ModelSpec:
+    mt = c.get("model_type")
+    if mt not in HF_ARCHITECTURES:
+        raise ValueError(f"model {name}: model_type {mt!r} is not modelled (only {', '.join(HF_ARCHITECTURES)})")
+    heads = c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    tied = bool(c.get("tie_word_embeddings", False))
+    params = qwen2_param_count(c["vocab_size"], c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], heads,
+                               kv_heads, head_dim, tied, qkv_bias=mt == "qwen2")
+    return ModelSpec(name, params=params, layers=c["num_hidden_layers"], hidden=c["hidden_size"],
+                     vocab=c["vocab_size"], num_kv_heads=kv_heads, head_dim=head_dim,
+                     intermediate=c["intermediate_size"], tied_embeddings=tied)
+
+
+def _get(cfg, key: str, default=None):
+    from omegaconf import OmegaConf
+
+    v = OmegaConf.select(cfg, key, default=default)
+    return default if v is None else v
+
+
+def _refuse(key: str, value, why: str) -> ValueError:
+    return ValueError(f"{key}={value}: {why}")
+
+
+def from_config(cfg, hw: Hardware = H100, response_len: int | None = None) -> Setting:
+    """Translate a composed tbrm_verl config (tbrm_verl.config.compose, or what tbrm_verl.main runs) into the cost
+    model's inputs. Every workload number and offload flag is read from the config:
+
+      method, n            tbrm.enable / tbrm.method, actor_rollout_ref.rollout.n; reference and critic as verl
+                           decides them (verl.trainer.ppo.utils.need_reference_policy / need_critic); π_old pass for
+                           PPO/GRPO only (the TBRM trainer skips it)
+      lengths, batch       data.max_prompt_length, data.max_response_length (every response at the cap unless
+                           `response_len` is given: a memory check must assume the longest), data.train_batch_size,
+                           actor.ppo_mini_batch_size, actor.ppo_epochs
+      micro-batches        actor.ppo_micro_batch_size_per_gpu, rollout.log_prob_micro_batch_size_per_gpu,
+                           ref.log_prob_micro_batch_size_per_gpu, critic.ppo_micro_batch_size_per_gpu,
+                           critic.forward_micro_batch_size_per_gpu
+      GPUs                 trainer.n_gpus_per_node × trainer.nnodes (FSDP shards over all of them)
+      rollout              rollout.name (vllm: gpu_memory_utilization; otherwise no vLLM), tensor_model_parallel_size,
+                           max_num_seqs, enable_prefix_caching, free_cache_engine
+      offload              actor.fsdp_config.{param,optimizer}_offload, critic.fsdp.{param,optimizer}_offload,
+                           ref.fsdp_config.{forward_only,param_offload} (forward_only = FSDP CPU offload in verl
+                           0.9.1); fsdp2 `offload_policy` counts as both
+      model                actor_rollout_ref.model.path (model_spec_for); enable_gradient_checkpointing
+
+    `hw` is the GPU (memory, throughputs): configs do not name it. Raises ValueError for what the model does not
+    cover (dynamic batch sizes, Megatron, FSDP sub-groups)."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+
+    ar = "actor_rollout_ref"
+    if _get(cfg, f"{ar}.actor.use_dynamic_bsz", False):
+        raise _refuse(f"{ar}.actor.use_dynamic_bsz", True, "token-budgeted micro-batches are not modelled; "
+                      "estimate with fixed *_micro_batch_size_per_gpu")
+    strategy = _get(cfg, f"{ar}.actor.strategy", "fsdp")
+    if strategy not in ("fsdp", "fsdp2"):
+        raise _refuse(f"{ar}.actor.strategy", strategy, "only FSDP engines are modelled")
+    world = int(cfg.trainer.n_gpus_per_node) * int(cfg.trainer.nnodes)
+    fsdp_size = int(_get(cfg, f"{ar}.actor.fsdp_config.fsdp_size", -1))
+    if fsdp_size not in (-1, world):
+        raise _refuse(f"{ar}.actor.fsdp_config.fsdp_size", fsdp_size, f"sharding over fewer than all {world} GPUs "
+                      "is not modelled")
+
+    tbrm = bool(_get(cfg, "tbrm.enable", False))
+    n = int(_get(cfg, f"{ar}.rollout.n", 1))
+    reference, critic = bool(need_reference_policy(cfg)), bool(need_critic(cfg))
+    method_name = str(_get(cfg, "tbrm.method", "tbrm" if tbrm else "ppo"))
+    key = f"{method_name}_n{n}" + ("_ref_free" if tbrm and not reference else "")
+    method = MethodSpec(key, f"{method_name.upper()} n={n}" + (" ref-free" if tbrm and not reference else ""), n,
+                        reference=reference, old_log_prob=not tbrm, critic=critic)
+
+    def offload(section: str, engine_key: str, forward_only_counts: bool = False) -> tuple[bool, bool]:
+        policy = bool(_get(cfg, f"{section}.{engine_key}.offload_policy", False))
+        param = bool(_get(cfg, f"{section}.{engine_key}.param_offload", False)) or policy
+        if forward_only_counts:
+            param = param or bool(_get(cfg, f"{section}.{engine_key}.forward_only", False))
+        opt = bool(_get(cfg, f"{section}.{engine_key}.optimizer_offload", False)) or policy
+        return param, opt
+
+    a_par, a_opt = offload(f"{ar}.actor", "fsdp_config")
+    c_par, c_opt = offload("critic", "fsdp") if critic else (False, False)
+    r_par, _ = offload(f"{ar}.ref", "fsdp_config", forward_only_counts=True)
+
+    rollout = cfg[ar].rollout
+    vllm = rollout.name == "vllm"
+    max_resp = int(cfg.data.max_response_length)
+    sleep = bool(_get(cfg, f"{ar}.rollout.free_cache_engine", True)) and \
+        _get(cfg, f"{ar}.rollout.enable_sleep_mode", True) is not False
+    w = Workload(
+        prompt_len=int(cfg.data.max_prompt_length),
+        response_len=int(response_len or max_resp),
+        max_response_len=max_resp,
+        prompts_per_step=int(cfg.data.train_batch_size),
+        n_gpus=world,
+        micro_batch_size=int(cfg[ar].actor.ppo_micro_batch_size_per_gpu),
+        log_prob_micro_batch_size=_get(cfg, f"{ar}.rollout.log_prob_micro_batch_size_per_gpu"),
+        ref_micro_batch_size=_get(cfg, f"{ar}.ref.log_prob_micro_batch_size_per_gpu"),
+        critic_micro_batch_size=_get(cfg, "critic.ppo_micro_batch_size_per_gpu") if critic else None,
+        critic_forward_micro_batch_size=_get(cfg, "critic.forward_micro_batch_size_per_gpu") if critic else None,
+        gpu_memory_utilization=float(rollout.gpu_memory_utilization) if vllm else 0.0,
+        ppo_mini_batch_size=int(_get(cfg, f"{ar}.actor.ppo_mini_batch_size", cfg.data.train_batch_size)),
+        ppo_epochs=int(_get(cfg, f"{ar}.actor.ppo_epochs", 1)),
+        rollout_tp=int(_get(cfg, f"{ar}.rollout.tensor_model_parallel_size", 1)),
+        prefix_caching=bool(_get(cfg, f"{ar}.rollout.enable_prefix_caching", True)),
+        max_num_seqs=int(_get(cfg, f"{ar}.rollout.max_num_seqs", 256)),
+        free_cache_engine=sleep,
+        gradient_checkpointing=bool(_get(cfg, f"{ar}.model.enable_gradient_checkpointing", True)),
+    )
+    return Setting(model=model_spec_for(cfg[ar].model.path), workload=w, method=method, hardware=hw,
+                   offload=Offload(a_par, a_opt, c_par, c_opt, r_par))
+
+
+_STATED_HW = re.compile(r"(\d+)\s*[x×]\s*([A-Za-z][\w-]*)\s+(\d+(?:\.\d+)?)\s*GB")
+
+
+def stated_hardware(recipe_path) -> tuple[int, str, float] | None:
+    """(GPUs per node, GPU name, GB per GPU) from a recipe's header comment, e.g. `# ... 4x H100 80GB, one node`."""
+    with open(recipe_path, encoding="utf-8") as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            hit = _STATED_HW.search(line)
+            if hit:
+                return int(hit.group(1)), hit.group(2), float(hit.group(3))
+    return None
+
+
+def fit_line(name: str, pred: Prediction, hw: Hardware) -> str:
+    """One line: the predicted per-GPU peak of `name` against the GPU's memory."""
+    m = pred.memory
+    verdict = "fits" if pred.fits else ("EXCEEDS the GPU memory" if not m["fits"] else "vLLM has no room for one "
+                                                                                      "sequence's KV cache")
+    return (f"{name}: predicted peak {m['peak_device_gb']:.1f} GB per GPU (in {m['peak_device_phase']}) of "
+            f"{hw.mem_gb:g} GB ({hw.name}): {verdict}")
+
+
 # ----------------------------------------------------------------------------------------------- bench compare
 def compare_with_bench(bench_json_path, hw: Hardware | None = None, offload: Offload = Offload(), file=None,
                        **workload_kw) -> dict:
@@ -707,8 +920,10 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rollout-tp", type=int, default=1)
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--kv-cache-gb", type=float, help="override vLLM's KV-cache budget per GPU (GB)")
-    for f in ("actor-param", "actor-optimizer", "critic-param", "critic-optimizer", "ref-param"):
+    for f in ("actor-param", "actor-optimizer", "critic-param", "critic-optimizer"):
         ap.add_argument(f"--offload-{f}", action="store_true")
+    ap.add_argument("--offload-ref-param", action=argparse.BooleanOptionalAction, default=True,
+                    help="reference on the host between its passes (verl 0.9.1's forward_only reference: default on)")
     ap.add_argument("--hw", choices=["h100", "cpu"], default="h100")
     ap.add_argument("--peak-tflops", type=float, help="override peak FLOP/s (cpu: achieved matmul rate)")
     ap.add_argument("--mem-bw-gbs", type=float, help="override memory bandwidth, GB/s")
@@ -723,7 +938,58 @@ def _build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--other-per-sample-s", type=float)
     ap.add_argument("--runtime-overhead-gb", type=float)
     ap.add_argument("--json", help="also write all numbers to this JSON file")
+    ap.add_argument("--recipe", help="check a recipe: a config name in --config-dir or a path to a .yaml; prints "
+                    "its per-GPU memory by phase and exits 1 when the predicted peak exceeds the GPU memory (the "
+                    "recipe header's 'Nx GPU MGB', else 80 GB, or --mem-gb), 2 when it cannot be checked")
+    ap.add_argument("--config-dir", default=str(RECIPES_DIR), help="where --recipe names are looked up")
+    ap.add_argument("overrides", nargs="*", help="with --recipe: Hydra overrides (key=value), as for tbrm_verl.main")
     return ap
+
+
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+
+
+def recipe_setting(recipe: str, overrides=(), config_dir: str = RECIPES_DIR, hw: Hardware | None = None,
+                   response_len: int | None = None) -> tuple[str, Setting]:
+    """Compose a recipe as a GPU launch would (profile=gpu unless overridden) and translate it (from_config); the GPU
+    memory is the one the recipe's header states unless `hw` is given. Returns (recipe name, Setting)."""
+    from tbrm_verl.config import compose
+
+    path = recipe if recipe.endswith(".yaml") else os.path.join(config_dir, recipe + ".yaml")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe not found: {path}")
+    name = os.path.basename(path)[: -len(".yaml")]
+    overrides = list(overrides)
+    if not any(o.split("=", 1)[0].lstrip("+~") == "profile" for o in overrides):
+        overrides.append("profile=gpu")  # what the recipe is for; compose() would pick cpu on a machine without GPU
+    cfg = compose(overrides, config_name=name, config_dirs=[os.path.dirname(os.path.abspath(path))])
+    if hw is None:
+        stated = stated_hardware(path)
+        hw = H100 if stated is None else replace(H100, name=f"{stated[1]} {stated[2]:g}GB", mem_gb=stated[2])
+    return name, from_config(cfg, hw=hw, response_len=response_len)
+
+
+def _format_recipe(name: str, st: Setting, p: Prediction) -> str:
+    w, off = st.workload, st.offload
+    lines = [
+        f"recipe {name}: {st.method.label} on {st.model.name} (P={st.model.params / 1e9:.3f}B), {w.n_gpus} GPUs, "
+        f"{w.prompts_per_step} prompts x n={st.method.n}, prompt <= {w.prompt_len}, response <= {w.max_resp} tokens",
+        f"  micro-batches per GPU: actor {w.mb('update_actor')}, pi_old {w.mb('old_log_prob')}, ref {w.mb('ref')}"
+        + (f", critic {w.mb('update_critic')} / values {w.mb('values')}" if st.method.critic else "")
+        + f"; vLLM fraction {w.gpu_memory_utilization}, TP {w.rollout_tp}, sleeps outside rollout: "
+        f"{w.free_cache_engine}",
+        "  offload: " + ", ".join(f"{k}={v}" for k, v in asdict(off).items()),
+        "",
+        f"  {'phase':14s} {'device GB':>9s}  resident (GB per GPU)",
+    ]
+    for phase, parts in p.memory["per_phase_gb"].items():
+        desc = ", ".join(f"{k} {v:.1f}" for k, v in parts.items() if v)
+        lines.append(f"  {phase:14s} {p.memory['device_gb'][phase]:9.1f}  {desc}, runtime "
+                     f"{st.hardware.runtime_overhead_gb:.1f}")
+    lines += ["", f"  step time (every response at the cap): {p.step_time_s:.1f} s ("
+              + ", ".join(f"{q} {p.time_s[q]:.1f}" for q in PARTS if p.time_s[q]) + ")",
+              fit_line(name, p, st.hardware)]
+    return "\n".join(lines)
 
 
 def _hardware_from_args(a) -> Hardware:
@@ -766,6 +1032,24 @@ def main(argv=None) -> int:
     off = Offload(a.offload_actor_param, a.offload_actor_optimizer, a.offload_critic_param,
                   a.offload_critic_optimizer, a.offload_ref_param)
     wkw = _workload_kw(a)
+    if a.overrides and not a.recipe:
+        raise SystemExit(f"unexpected arguments {a.overrides}: key=value overrides go with --recipe")
+    if a.recipe:
+        if a.mem_gb:
+            hw = replace(hw, name=f"{a.mem_gb:g} GB per GPU from --mem-gb")
+        try:
+            name, st = recipe_setting(a.recipe, a.overrides, a.config_dir, hw=hw if a.mem_gb else None,
+                                      response_len=a.response_len)
+        except (FileNotFoundError, ValueError) as exc:  # no such recipe; a setting the model does not cover
+            print(f"tbrm_verl.cost_model: {exc}", file=sys.stderr)
+            return 2  # 1 means "does not fit"
+        p = st.predict()
+        print(_format_recipe(name, st, p))
+        if a.json:
+            with open(a.json, "w", encoding="utf-8") as f:
+                json.dump({"recipe": name, "setting": _setting_dict(st.model, st.workload, st.hardware, st.offload),
+                           "method": asdict(st.method), "prediction": p.to_dict()}, f, indent=2, default=float)
+        return 0 if p.fits else 1
     if a.bench:
         result = compare_with_bench(a.bench, hw=hw, offload=off, **wkw)
     elif a.model or a.params:

@@ -229,6 +229,8 @@ def test_recipe_composes_checks_and_has_paper_hyperparameters(name, data_dir, mo
         assert a.entropy_coeff == PPO_ENTROPY
         assert a.clip_ratio == a.clip_ratio_low == a.clip_ratio_high == PPO_CLIP
         assert cfg.critic.model.path == MODELS[size]
+        # 7B: actor and critic of 7B on 4x 80 GB need the critic's Adam state on the host (test_recipe_memory_fit)
+        assert cfg.critic.fsdp.optimizer_offload is (size == "7b")
     else:
         assert cfg.tbrm.enable is False
         assert cfg.algorithm.adv_estimator == "grpo" and cfg.critic.enable is False
@@ -255,6 +257,14 @@ def _verl_validate(cfg):
     validate_config(cfg, use_reference_policy=need_reference_policy(cfg), use_critic=need_critic(cfg))
     for key in ("actor_rollout_ref.actor", "actor_rollout_ref.rollout", "algorithm"):
         omega_conf_to_dataclass(OmegaConf.select(cfg, key))
+    # the FSDP offload flags a recipe sets reach the engines verl builds (actor: fsdp_config, critic: fsdp)
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    for flag in ("param_offload", "optimizer_offload"):
+        assert getattr(actor.engine, flag) is cfg.actor_rollout_ref.actor.fsdp_config[flag]
+    if need_critic(cfg):
+        critic = omega_conf_to_dataclass(cfg.critic)
+        for flag in ("param_offload", "optimizer_offload"):
+            assert getattr(critic.engine, flag) is cfg.critic.fsdp[flag]
 
 
 def test_task_dapo_math_requires_a_model_and_validates_greedily(data_dir, monkeypatch):
