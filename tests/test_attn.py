@@ -18,7 +18,8 @@ INSTALL = "install it with: pip install flash-attn==2.8.3 --no-build-isolation"
 @pytest.fixture
 def no_flash_attn(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "flash_attn" else real(name, *a, **k))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "flash_attn" else real(name, *a, **k))
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
 
 
