@@ -1,7 +1,13 @@
 """tbrm-verl: Trajectory Bellman Residual Minimization (arXiv 2505.15311) as a verl 0.9.1 extension.
 
 CPU install (development, CI):   pip install torch==2.13.0 -e ".[test]"
-GPU install (CUDA torch 2.11):   pip install -e ".[gpu]"
+GPU install (README "GPU install"; CUDA 13.0 torch wheels, NVIDIA driver >= 580), in this order:
+    pip install torch==2.11.0
+    pip install -e ".[gpu]"
+    pip install flash-attn==2.8.3 --no-build-isolation
+flash-attn is no extra: PyPI has only its source distribution, whose build imports torch, so it must be built
+without build isolation after torch is installed. Without it GPU runs fall back to sdpa (tbrm_verl/attn.py).
+Check that the GPU pins resolve (no install): python -m tbrm_verl.check_gpu_install
 """
 
 from setuptools import find_packages, setup
@@ -33,8 +39,9 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        # GPU-only pieces, as verl 0.9.1 pins them. Never installed on a CPU machine.
-        "gpu": ["verl[vllm]==0.9.1", "vllm==0.24.0", "flash-attn==2.8.3"],
+        # GPU-only pieces, as verl 0.9.1's vllm extra pins them (it also pins torch==2.11.0). Never installed on a
+        # CPU machine. flash-attn==2.8.3 is installed by a separate command (see the docstring above).
+        "gpu": ["verl[vllm]==0.9.1", "vllm==0.24.0"],
         "test": ["pytest>=8"],
     },
     entry_points={

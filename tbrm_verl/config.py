@@ -354,6 +354,9 @@ def finish_config(cfg: DictConfig) -> DictConfig:
         from tbrm_verl.reward_guard import guard_config
 
         guard_config(cfg)
+        from tbrm_verl.attn import apply_attn_fallback
+
+        apply_attn_fallback(cfg)  # GPU without flash-attn: sdpa, said in one line
         cfg.tbrm.run_dir = os.path.abspath(os.path.expanduser(cfg.tbrm.run_dir))
         cfg.trainer.default_local_dir = os.path.abspath(os.path.expanduser(cfg.trainer.default_local_dir))
     return cfg

@@ -3,6 +3,7 @@
 Registers, without patching verl files:
 * the CPU device platform (active only when VERL_PLATFORM=cpu),
 * the `cpu_hf` rollout backend (lazily: its module loads only when a run selects it),
+* a critic loader that honours the configured attention implementation (tbrm_verl/attn.py),
 * the `tbrm` advantage estimator, which writes zeros: TBRM uses no advantage, but verl's metric code reads the
   `advantages`/`returns` fields, and any estimator other than `gae` keeps the critic off.
 """
@@ -39,6 +40,9 @@ def install() -> None:
     from tbrm_verl.cpu import platform
 
     platform.install()
+    from tbrm_verl.attn import install_valuehead_loader
+
+    install_valuehead_loader()  # verl's critic loader ignores critic.model.override_config.attn_implementation
     _register_rollout()
     _register_adv_estimator()
 
