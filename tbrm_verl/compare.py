@@ -187,7 +187,7 @@ def plot(results: dict[str, dict[int, dict]], per_step: dict[str, int], path: st
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m tbrm_verl.compare", description=__doc__.split("\n\n")[0],
                                  epilog="Extra key=value arguments are passed to every run.")
     ap.add_argument("--methods", default="tbrm_n1,tbrm_n4,tbrm_n1_ref_free,grpo_n4,ppo_n1,brm_n4",
                     help=f"comma list of {', '.join(METHODS)}")
