@@ -352,3 +352,13 @@ def test_trainer_flags_and_actor_worker(monkeypatch, variant):
 
 class TrainingWorkerStandIn:
     pass
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_fused_kernels_accepted_for_tbrm_refused_for_brm(profile):
+    from tbrm_verl.config import ConfigError, check_config, compose
+
+    fused = ["actor_rollout_ref.model.use_fused_kernels=true"]
+    check_config(compose([f"profile={profile}", *fused]))  # V(s_1) from hidden rows: the fused path suffices
+    with pytest.raises(ConfigError, match="use_fused_kernels=true: .*brm"):
+        check_config(compose([f"profile={profile}", "tbrm.loss_variant=brm", *fused]))
