@@ -41,6 +41,7 @@ class TBRMEngine(FSDPEngineWithLMHead):
             if lean is not None:
                 lean.remove()
             lean = self.__dict__["_lean_v"] = LeanV(self.module)
+            print("[tbrm_verl] actor engine: V(s_1) from the hidden rows at the last prompt positions", flush=True)
         return lean
 
     def prepare_model_inputs(self, micro_batch):
