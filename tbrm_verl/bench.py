@@ -8,6 +8,7 @@ largest `max_memory_allocated` any worker reported. Ratios are against PPO n=1. 
 chart (bench.png) to --out-dir.
 
     python -m tbrm_verl.bench --steps 6 --out-dir bench_out [extra tbrm_verl.main overrides ...]
+    python -m tbrm_verl.bench memory --out-dir bench_out    # peak memory of one actor update (tbrm_verl/update_memory.py)
 """
 
 from __future__ import annotations
@@ -145,6 +146,11 @@ def model_setting(extra: list[str]) -> dict:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["memory"]:  # `python -m tbrm_verl.bench memory ...`: one actor update's peak memory
+        from tbrm_verl.update_memory import main as memory_main
+
+        return memory_main(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=6, help="training steps per method (the first is not timed)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")

@@ -218,8 +218,9 @@ def check_config(cfg: DictConfig) -> None:
                 "Q-values, which holds at temperature 1 only; set actor_rollout_ref.rollout.temperature=1.0"
             )
         for key in ("actor_rollout_ref.model.use_fused_kernels", "actor_rollout_ref.actor.use_fused_kernels"):
-            if OmegaConf.select(cfg, key):
-                raise ConfigError(f"{key}=true: fused kernels never build the logits TBRM needs for V(s_1); set {key}=false")
+            if t.loss_variant == "brm" and OmegaConf.select(cfg, key):  # tbrm takes V(s_1) from hidden rows
+                raise ConfigError(f"{key}=true: fused kernels never build the logits the brm variant needs for V at "
+                                  f"every position; set {key}=false or tbrm.loss_variant=tbrm")
         for key in ("actor_rollout_ref.actor.pad_to_length", "actor_rollout_ref.actor.fsdp_config.pad_to_length"):
             if OmegaConf.select(cfg, key):
                 raise ConfigError(f"{key}=true: verl's logits hook does not support static padding; set {key}=false")

@@ -4,9 +4,15 @@
     δ(τ)      = V_θ(s_1) + Σ_h log π_θ(a_h|s_h) − Σ_h log π_ref(a_h|s_h) − r(τ)/β
     L(θ)      = mean_τ δ(τ)²
 
-`tbrm_residual` is that formula and nothing else. `tbrm_loss` wires it into verl 0.9.1's FSDP engine:
+`tbrm_residual` is that formula and nothing else. `tbrm_loss` wires it into verl 0.9.1's FSDP engine. It reads
+V(s) per token from `model_output["tbrm_v"]`, a nested (B, j) tensor like verl's log-probs, which one of two paths
+fills:
 
-* verl calls a loss twice per micro-batch when the non-tensor flag `distillation_use_topk` is set. First with
+* `loss_variant=tbrm` (default): tbrm_verl's actor engine (tbrm_verl/engine.py, tbrm_verl/lean_v.py) computes
+  V(s_1) inside the model's forward from the B hidden rows at the last prompt positions times the output embedding;
+  the loss is called once, and the update holds no [tokens, vocab] tensor beyond the log-prob path's own.
+* `loss_variant=brm` needs V(s_h) at every response position, from verl's logits hook:
+  verl calls a loss twice per micro-batch when the non-tensor flag `distillation_use_topk` is set. First with
   `student_logits` (1, nnz, V), the packed logits of every token of every sequence (prompt + response), still in
   the autograd graph; every (1, nnz) tensor returned is stored per token in `model_output`. We return V(s) only at the
   last prompt position of each sequence (the logsumexp of B rows, in float32), zeros elsewhere: no float32
@@ -150,8 +156,8 @@ def tbrm_loss(cfg: TBRMLossConfig, model_output=None, data=None, dp_group=None, 
         return _values_from_logits(student_logits, data, cfg)
     if "tbrm_v" not in model_output:
         raise RuntimeError(
-            "TBRM loss got no V(s_1): the actor update ran without verl's logits hook "
-            "(distillation_use_topk). Use tbrm_verl's trainer, with use_fused_kernels=False."
+            "TBRM loss got no V(s_1) (model_output['tbrm_v']): the actor update ran neither tbrm_verl's engine "
+            "(flag tbrm_lean_v) nor verl's logits hook (distillation_use_topk). Use tbrm_verl's trainer."
         )
 
     log_prob = no_padding_2_padding(model_output["log_probs"], data)

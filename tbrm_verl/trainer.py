@@ -1,9 +1,11 @@
 """TBRM's trainer: verl's v1 sync trainer with three changes, and the TaskRunner that selects it.
 
 1. The TBRM loss replaces verl's PPO loss, installed once on the actor workers before the first weight sync.
-2. The actor update runs with verl's logits hook on (`distillation_use_topk`), so the loss sees the raw logits and
-   can take V(s_1) = logsumexp at the last prompt position. Only the update sets it: the reference pass, the
-   rollout and validation never build more than log-probs.
+2. V(s_1) for the loss. `loss_variant=tbrm`: the actor worker is built with TBRM's engine (tbrm_verl/engine.py) and
+   the actor update carries the flag `tbrm_lean_v`, so V(s_1) = logsumexp of the logits at the last prompt position
+   is computed from B hidden rows inside the model's forward (no [tokens, vocab] tensor added). `loss_variant=brm`
+   needs V at every position: the update runs with verl's logits hook (`distillation_use_topk`) and the loss sees the
+   raw logits. Only the update sets either flag: the reference pass, the rollout and validation compute log-probs.
 3. No old-log-prob pass: TBRM has no importance ratio, so π_old is never needed (the PPO/GRPO baselines keep it).
 
 What stays verl's: rollout, reward loop, reference log-probs (built only when `tbrm.reference_free=false`),
@@ -22,6 +24,7 @@ from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from tbrm_verl.config import cfg_profile, check_profile_on_cluster
+from tbrm_verl.lean_v import LEAN_V_FLAG
 from tbrm_verl.loss import TBRMLossConfig, tbrm_loss
 
 
@@ -50,6 +53,23 @@ class SyncTrainer(PPOTrainerSync):
 
 
 class TBRMTrainerSync(SyncTrainer):
+    def _lean_v(self) -> bool:
+        return loss_config(self.config).loss_variant == "tbrm"
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        if not self._lean_v():
+            return
+        from verl.trainer.ppo.utils import Role
+
+        from tbrm_verl.engine import TBRMActorRolloutRefWorker
+
+        # the worker that holds the actor (with the rollout, and the reference when colocated); a separate
+        # reference worker (Role.RefPolicy) keeps verl's class
+        for role in (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef):
+            if role in self.role_worker_mapping:
+                self.role_worker_mapping[role] = ray.remote(TBRMActorRolloutRefWorker)
+
     def on_init_end(self):
         # Installed before the base hook, which pushes weights to the rollout and may start work.
         self.actor_rollout_wg.set_loss_fn(partial(tbrm_loss, loss_config(self.config)))
@@ -60,15 +80,16 @@ class TBRMTrainerSync(SyncTrainer):
 
     def _update_actor(self, batch, metrics):
         # The base method writes distillation_use_topk=False into the batch right before calling the worker
-        # group; set it in a wrapper around that one call.
+        # group; set the V(s_1) flag in a wrapper around that one call.
         wg = self.actor_rollout_wg
         update_actor = wg.update_actor
+        flag = LEAN_V_FLAG if self._lean_v() else "distillation_use_topk"
 
-        def update_actor_with_logits_hook(b):
-            b.extra_info["distillation_use_topk"] = True
+        def update_actor_with_v(b):
+            b.extra_info[flag] = True
             return update_actor(b)
 
-        wg.update_actor = update_actor_with_logits_hook
+        wg.update_actor = update_actor_with_v
         try:
             return super()._update_actor(batch, metrics)
         finally:

@@ -70,7 +70,7 @@ BAD = [
     (["tbrm.beta=0"], "tbrm.beta"),
     (["tbrm.beta=-0.1"], "tbrm.beta"),
     (["actor_rollout_ref.rollout.temperature=0.7"], "actor_rollout_ref.rollout.temperature"),
-    (["actor_rollout_ref.model.use_fused_kernels=true"], "use_fused_kernels"),
+    (["tbrm.loss_variant=brm", "actor_rollout_ref.model.use_fused_kernels=true"], "use_fused_kernels"),
     (["actor_rollout_ref.actor.pad_to_length=true"], "pad_to_length"),
     (["tbrm.reference_free=true", "actor_rollout_ref.actor.use_kl_loss=true"], "use_kl_loss"),
     (["tbrm.reference_free=true", "algorithm.use_kl_in_reward=true"], "use_kl_in_reward"),

@@ -1,5 +1,6 @@
 """V(s_1) through verl 0.9.1's real FSDP engine code path (prepare_model_inputs -> model -> prepare_model_outputs with
-the logits hook -> loss) on a tiny locally built Qwen2 model, against a direct forward pass of each sequence."""
+the logits hook, or TBRM's engine computing V(s_1) from hidden rows -> loss) on a tiny locally built Qwen2 model,
+against a direct forward pass of each sequence. tests/test_lean_v.py compares the two paths in more settings."""
 
 import pytest
 import torch
@@ -10,6 +11,8 @@ from verl.utils.dataset.dataset_utils import DatasetPadMode
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.utils.padding import no_padding_2_padding
 
+from tbrm_verl.engine import TBRMEngine
+from tbrm_verl.lean_v import LEAN_V_FLAG
 from tbrm_verl.loss import TBRMLossConfig, tbrm_loss
 
 VOCAB = 96
@@ -25,16 +28,20 @@ def model():
     return Qwen2ForCausalLM(cfg).eval()
 
 
-def _engine(model):
+# (engine, flag): verl's engine with its logits hook (the brm variant's path), TBRM's engine (the tbrm default)
+PATHS = {"logits_hook": (FSDPEngineWithLMHead, "distillation_use_topk"), "hidden_rows": (TBRMEngine, LEAN_V_FLAG)}
+
+
+def _engine(model, path="logits_hook"):
     # verl's own CPU tests build engines this way: skip __init__ (no process group, no FSDP wrapping)
-    eng = object.__new__(FSDPEngineWithLMHead)
+    eng = object.__new__(PATHS[path][0])
     eng.module = model
     eng.pad_to_length = False
     eng.use_ulysses_sp = False
     return eng
 
 
-def _micro_batch(use_remove_padding, seed=0):
+def _micro_batch(use_remove_padding, seed=0, path="logits_hook"):
     g = torch.Generator().manual_seed(seed)
     prompt_lens, resp_lens = [5, 3, 7, 4], [4, 6, 2, 5]
     seqs = [torch.randint(0, VOCAB, (p + r,), generator=g) for p, r in zip(prompt_lens, resp_lens)]
@@ -57,24 +64,25 @@ def _micro_batch(use_remove_padding, seed=0):
     )
     tu.assign_non_tensor(
         td, use_remove_padding=use_remove_padding, pad_mode=DatasetPadMode.NO_PADDING, use_fused_kernels=False,
-        temperature=1.0, distillation_use_topk=True, calculate_entropy=False, dp_size=1, global_batch_size=B,
-        max_response_len=T,
+        temperature=1.0, calculate_entropy=False, dp_size=1, global_batch_size=B, max_response_len=T,
+        **{PATHS[path][1]: True},
     )
     return td, seqs, prompt_lens, resp_lens, reward, ref
 
 
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("use_remove_padding", [True, False])
-def test_v_s1_through_engine_hook_equals_direct_logsumexp(model, use_remove_padding):
+def test_v_s1_through_engine_hook_equals_direct_logsumexp(model, use_remove_padding, path):
     cfg = TBRMLossConfig(beta=0.1)
-    td, seqs, prompt_lens, resp_lens, reward, ref = _micro_batch(use_remove_padding)
-    eng = _engine(model)
+    td, seqs, prompt_lens, resp_lens, reward, ref = _micro_batch(use_remove_padding, path=path)
+    eng = _engine(model, path)
     loss_fn = lambda **kw: tbrm_loss(cfg, **kw)  # noqa: E731
 
     inputs, output_args = eng.prepare_model_inputs(micro_batch=td)
     out = model(**inputs, use_cache=False)
     model_output = eng.prepare_model_outputs(output=out, output_args=output_args, micro_batch=td,
                                              logits_processor_func=loss_fn)
-    assert "tbrm_v" in model_output, "the engine did not store what the logits hook returned"
+    assert "tbrm_v" in model_output, "the engine stored no V(s_1)"
     loss, _ = loss_fn(model_output=model_output, data=td, dp_group=None)
 
     v = no_padding_2_padding(model_output["tbrm_v"], td)[:, 0]
@@ -91,11 +99,12 @@ def test_v_s1_through_engine_hook_equals_direct_logsumexp(model, use_remove_padd
     assert loss.item() == pytest.approx(direct_loss.item() / len(seqs), rel=1e-4)
 
 
-def test_engine_path_gradient_reaches_model_through_v_s1(model):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_engine_path_gradient_reaches_model_through_v_s1(model, path):
     """Backprop through the engine path: the parameters get the gradient of the direct formula."""
     cfg = TBRMLossConfig(beta=0.1)
-    td, seqs, prompt_lens, resp_lens, reward, ref = _micro_batch(True, seed=1)
-    eng = _engine(model)
+    td, seqs, prompt_lens, resp_lens, reward, ref = _micro_batch(True, seed=1, path=path)
+    eng = _engine(model, path)
     loss_fn = lambda **kw: tbrm_loss(cfg, **kw)  # noqa: E731
     model.zero_grad()
     inputs, output_args = eng.prepare_model_inputs(micro_batch=td)
