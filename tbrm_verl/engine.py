@@ -59,7 +59,7 @@ class TBRMEngine(FSDPEngineWithLMHead):
     def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
         model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
         if tu.get_non_tensor_data(data=micro_batch, key=LEAN_V_FLAG, default=False):
-            model_output["tbrm_v"] = self._tbrm_lean_v().take(micro_batch)
+            model_output.update(self._tbrm_lean_v().take(micro_batch))  # tbrm_v (+ tbrm_entropy)
         return model_output
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tbrm_verl.loss import last_prompt_positions
+from tbrm_verl.loss import entropy_no_grad, last_prompt_positions
 
 __all__ = ["LEAN_V_FLAG", "LeanV", "hidden_rows_logsumexp", "last_prompt_rows"]
 
@@ -88,7 +88,10 @@ class _Request:
     rows: torch.Tensor
     cols: torch.Tensor
     fused: bool
+    lengths: torch.Tensor  # tokens per sequence (prompt + response)
+    padded: bool
     v: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None  # (nnz,) per-token entropy for the `actor/entropy` metric, no grad
 
 
 def _unwrap(module):
@@ -111,6 +114,7 @@ class LeanV:
         self._req: _Request | None = None
         # pre-hook: runs after FSDP's own pre-forward (prepended) has unsharded the lm_head
         self._handles = [self.lm_head.register_forward_pre_hook(self._on_lm_head_input),
+                         self.lm_head.register_forward_hook(self._on_lm_head_output),
                          _unwrap(decoder).register_forward_hook(self._on_decoder_output)]
 
     def remove(self) -> None:
@@ -119,17 +123,22 @@ class LeanV:
 
     def arm(self, data, use_remove_padding: bool, fused: bool) -> None:
         rows, cols = last_prompt_rows(data, padded=not use_remove_padding)
-        self._req = _Request(rows, cols, fused)
+        self._req = _Request(rows, cols, fused, data["input_ids"].offsets().diff(), not use_remove_padding)
 
-    def take(self, data) -> torch.Tensor:
-        """The rows of the forward just run, as a nested (B, j) per-token tensor like verl's log-probs."""
+    def take(self, data) -> dict[str, torch.Tensor]:
+        """What the forward just run produced, as nested (B, j) per-token tensors like verl's log-probs:
+        `tbrm_v` (V(s_1) at each last prompt position, zeros elsewhere) and, unless fused kernels skipped the
+        lm_head, `tbrm_entropy` (no grad; for the `actor/entropy` metric)."""
         req, self._req = self._req, None
         if req is None or req.v is None:
             raise RuntimeError("TBRM V(s_1): the model forward did not reach the lm_head hook (armed but not run)")
-        offsets = data["input_ids"].offsets()
+        offsets = data["input_ids"].offsets().to(req.v.device)
         idx = last_prompt_positions(data).to(req.v.device)
         per_token = torch.zeros(int(offsets[-1]), dtype=torch.float32, device=req.v.device).index_put((idx,), req.v)
-        return torch.nested.nested_tensor_from_jagged(per_token, offsets.to(req.v.device))
+        out = {"tbrm_v": torch.nested.nested_tensor_from_jagged(per_token, offsets)}
+        if req.entropy is not None:
+            out["tbrm_entropy"] = torch.nested.nested_tensor_from_jagged(req.entropy, offsets)
+        return out
 
     def _compute(self, hidden: torch.Tensor) -> None:
         req = self._req
@@ -145,6 +154,20 @@ class LeanV:
     def _on_lm_head_input(self, module, args):
         if self._req is not None and not self._req.fused and self._req.v is None:
             self._compute(args[0])
+
+    def _on_lm_head_output(self, module, args, output):
+        """Per-token entropy from the logits lm_head just made, in row chunks outside autograd: no second
+        [tokens, vocab] tensor (verl's own entropy path keeps one for backward, and runs only in the old-log-prob
+        pass that TBRM skips)."""
+        req = self._req
+        if req is None or req.fused or req.entropy is not None:
+            return
+
+        logits = output if isinstance(output, torch.Tensor) else output[0]
+        if req.padded:  # (B, max_len, V), sequence i left-aligned in row i
+            req.entropy = torch.cat([entropy_no_grad(logits[i, :n]) for i, n in enumerate(req.lengths.tolist())])
+        else:  # (1, nnz [+ pad suffix], V)
+            req.entropy = entropy_no_grad(logits[0, : int(req.lengths.sum())])
 
     def _on_decoder_output(self, module, args, output):
         if self._req is not None and self._req.fused and self._req.v is None:

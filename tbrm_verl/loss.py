@@ -130,11 +130,11 @@ def _values_from_logits(student_logits: torch.Tensor, data, cfg: TBRMLossConfig)
         v = torch.zeros(nnz, dtype=torch.float32, device=logits.device).index_put((idx,), v_s1)
     else:  # brm needs V(s_h) at every response position
         v = torch.logsumexp(logits.float(), dim=-1)
-    return {"tbrm_v": v.unsqueeze(0), "tbrm_entropy": _entropy_no_grad(logits).unsqueeze(0)}
+    return {"tbrm_v": v.unsqueeze(0), "tbrm_entropy": entropy_no_grad(logits).unsqueeze(0)}
 
 
 @torch.no_grad()
-def _entropy_no_grad(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def entropy_no_grad(logits: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Per-token entropy of softmax(logits) for the `actor/entropy` metric, (nnz,) float32.
 
     In chunks of rows, outside autograd: a float32 [chunk, V] temporary at a time, never a second [tokens, vocab]

@@ -362,3 +362,20 @@ def test_fused_kernels_accepted_for_tbrm_refused_for_brm(profile):
     check_config(compose([f"profile={profile}", *fused]))  # V(s_1) from hidden rows: the fused path suffices
     with pytest.raises(ConfigError, match="use_fused_kernels=true: .*brm"):
         check_config(compose([f"profile={profile}", "tbrm.loss_variant=brm", *fused]))
+
+
+@pytest.mark.parametrize("use_remove_padding", [True, False], ids=["rmpad", "padded"])
+def test_entropy_for_the_metric_equals_a_direct_forward(model, use_remove_padding):
+    """`tbrm_entropy` (the `actor/entropy` metric on the lean path) is the entropy of softmax(logits) at every
+    token, as a plain per-sequence forward gives it; it carries no gradient."""
+    b = _batch(seed=4)
+    td = _td(b, list(range(6)), LEAN, use_remove_padding=use_remove_padding)
+    with torch.no_grad():
+        _, mo = _step(_engine(TBRMEngine, model), td)
+        want = []
+        for s in b["seqs"]:
+            logp = torch.log_softmax(model(input_ids=s[None]).logits[0].float(), -1)
+            want.append(-(logp.exp() * logp).sum(-1))
+    ent = mo["tbrm_entropy"]
+    assert ent.is_nested and not ent.values().requires_grad
+    torch.testing.assert_close(ent.values(), torch.cat(want), rtol=1e-5, atol=1e-5)
