@@ -91,7 +91,8 @@ def run(cfg) -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    print(report.summarise(cfg.tbrm.run_dir, cfg.trainer.default_local_dir), flush=True)
+    print(report.summarise(cfg.tbrm.run_dir, cfg.trainer.default_local_dir,
+                           cfg.actor_rollout_ref.rollout.response_length), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

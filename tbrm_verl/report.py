@@ -1,4 +1,20 @@
-"""Read a run's metrics (verl's file logger, JSON lines) and summarise them: reward rise, plot of reward and residual."""
+"""Read a run's metrics (verl's file logger, JSON lines) and summarise them: reward rise; a plot of reward, residual and
+the mean length of non-truncated responses per step (``reward_residual.png``).
+
+Non-truncated length. verl logs, per step, the mean, max and "clip ratio" of the response lengths
+(``response_length/*`` over all responses, ``response_length_non_aborted/*`` over those of length > 0). No metric
+gives the mean over the responses that were NOT cut at the maximum response length L, and verl 0.9.1's v1 trainer
+computes the clip ratio c as the fraction of responses as long as the batch's padded width, which is the longest
+response of the step, not L. The mean follows exactly from the logged metrics and L (the run's
+``actor_rollout_ref.rollout.response_length``):
+
+* logged max < L: no response was cut; the mean is the logged mean;
+* logged max = L: the padded width is L, so c is the fraction cut at L, and
+  mean = (1 − c)·mean_kept + c·L gives mean_kept = (mean − c·L) / (1 − c); undefined (not plotted) when c = 1.
+
+The ``_non_aborted`` metrics are used when logged (an aborted response has length 0 and is no response at all), else
+the plain ones. A response that ends with its EOS exactly at L counts as cut (the metrics cannot tell them apart).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +24,7 @@ import os
 
 REWARD_KEY = "critic/score/mean"  # verl's name for the mean training reward of a step
 RESIDUAL_KEY = "actor/tbrm_residual_abs_mean"
+LENGTH_PREFIXES = ("response_length_non_aborted/", "response_length/")  # first present wins (module docstring)
 
 
 def metrics_files(run_dir: str) -> list[str]:
@@ -61,7 +78,38 @@ def validation_curve(steps: dict[int, dict]) -> tuple[str, list[tuple[int, float
     return None
 
 
-def plot(steps: dict[int, dict], path: str) -> str | None:
+def non_truncated_length(metrics: dict, max_response_length: int) -> float | None:
+    """Mean length of the responses of one step that were not cut at ``max_response_length`` (module docstring)."""
+    import math
+
+    def finite(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    for prefix in LENGTH_PREFIXES:
+        mean, clip, longest = (metrics.get(prefix + k) for k in ("mean", "clip_ratio", "max"))
+        if not (finite(mean) and finite(clip) and finite(longest)):
+            continue
+        if longest < max_response_length:
+            return float(mean)
+        if clip >= 1:
+            return None
+        return (mean - clip * max_response_length) / (1 - clip)
+    return None
+
+
+def length_curve(steps: dict[int, dict], max_response_length: int) -> list[tuple[int, float]]:
+    """(step, mean non-truncated response length) wherever it is defined."""
+    out = []
+    for s, m in steps.items():
+        v = non_truncated_length(m, max_response_length)
+        if v is not None:
+            out.append((s, v))
+    return out
+
+
+def plot(steps: dict[int, dict], path: str, max_response_length: int | None = None) -> str | None:
+    """Up to three panels over the step: mean training reward; mean |δ| (TBRM runs); mean non-truncated response
+    length (when ``max_response_length`` is given)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,35 +118,43 @@ def plot(steps: dict[int, dict], path: str) -> str | None:
     xs = [s for s, m in steps.items() if REWARD_KEY in m]
     if not xs:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(xs, [steps[s][REWARD_KEY] for s in xs], color="tab:blue", label="mean training reward")
-    ax.set_xlabel("step")
-    ax.set_ylabel("reward", color="tab:blue")
-    rs = [s for s in xs if RESIDUAL_KEY in steps[s]]
+    panels = [("mean training reward", "reward", "tab:blue", [(s, steps[s][REWARD_KEY]) for s in xs])]
+    rs = [(s, steps[s][RESIDUAL_KEY]) for s in xs if RESIDUAL_KEY in steps[s]]
     if rs:
-        ax2 = ax.twinx()
-        ax2.plot(rs, [steps[s][RESIDUAL_KEY] for s in rs], color="tab:red", label="mean |δ| (TBRM residual)")
-        ax2.set_ylabel("mean |δ|", color="tab:red")
-    ax.set_title("reward and TBRM residual per step")
+        panels.append(("mean |δ| (TBRM residual)", "mean |δ|", "tab:red", rs))
+    lengths = length_curve(steps, max_response_length) if max_response_length else []
+    if lengths:
+        panels.append(("mean length of non-truncated responses", "tokens", "tab:green", lengths))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.4 * len(panels) + 0.6), sharex=True, squeeze=False)
+    for ax, (title, ylabel, color, pts) in zip(axes[:, 0], panels):
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def summarise(run_dir: str, checkpoint_dir: str) -> str:
+def summarise(run_dir: str, checkpoint_dir: str, max_response_length: int | None = None) -> str:
+    """The run's summary lines; writes the plot. ``max_response_length`` (the rollout's) enables the length panel."""
     steps = load_steps(run_dir)
     lines = [f"run directory: {run_dir}"]
     files = metrics_files(run_dir)
     lines.append(f"  metrics:     {', '.join(files) if files else '(none written)'}")
     lines.append(f"  checkpoints: {checkpoint_dir}")
-    png = plot(steps, os.path.join(run_dir, "reward_residual.png")) if steps else None
+    png = plot(steps, os.path.join(run_dir, "reward_residual.png"), max_response_length) if steps else None
     if png:
         lines.append(f"  plot:        {png}")
     rise = reward_rise(steps)
     if rise:
         first, last, k = rise
         lines.append(f"  mean training reward: first {k} steps {first:.3f} -> last {k} steps {last:.3f} ({last - first:+.3f})")
+    lengths = length_curve(steps, max_response_length) if max_response_length else []
+    if len(lengths) >= 2:
+        (s0, l0), (s1, l1) = lengths[0], lengths[-1]
+        lines.append(f"  mean non-truncated response length: step {s0} {l0:.1f} -> step {s1} {l1:.1f} tokens")
     val = validation_curve(steps)
     if val and len(val[1]) >= 2:
         (s0, v0), (s1, v1) = val[1][0], val[1][-1]

@@ -4,6 +4,10 @@ The score of a response is its correctness:
 
 * the answer is the content of the LAST ``\\boxed{...}`` (or ``\\fbox{...}``) in the response, found with a balanced-
   brace scan, as in the Qwen2.5-Math evaluation; no boxed answer means wrong;
+* except that a response with an ``<answer>...</answer>`` block (the DeepSeek-R1 template, ``--template r1`` in
+  ``tbrm_verl.data``) is scored on its LAST such block: the last box inside the block if it has one, else the whole
+  block (stripped); boxes outside the block (e.g. inside ``<think>``) are then ignored. An unclosed ``<answer>``
+  does not count as a block;
 * it is compared with the ground truth by Math-Verify (``math_verify.parse`` / ``verify``), so equivalent forms agree
   (``1/2`` vs ``0.5``, ``2\\sqrt{2}`` vs ``\\sqrt{8}``, ``$12$`` vs ``12``);
 * the common cases never leave the calling process: an exact match after light normalisation (spaces, ``$``, a
@@ -55,6 +59,7 @@ __all__ = [
     "MAX_ANSWER_CHARS",
     "MAX_RESPONSE_CHARS",
     "compute_score",
+    "final_answer",
     "is_correct",
     "last_boxed_answer",
     "normalize_answer",
@@ -162,6 +167,33 @@ def last_boxed_answer(text: Any) -> str | None:
         if j > limit:
             return None  # too long (or unbalanced within the cap)
     return None  # unbalanced
+
+
+_ANSWER_OPEN, _ANSWER_CLOSE = "<answer>", "</answer>"
+
+
+def final_answer(text: Any) -> str | None:
+    """The answer a response gives: from its last ``<answer>...</answer>`` block if it has one, else its last box.
+
+    Inside the block the last ``\\boxed{}`` wins (``last_boxed_answer``); a block without a box gives its stripped
+    text. Only the last ``MAX_RESPONSE_CHARS`` characters are searched; an empty block, or one longer than
+    ``MAX_ANSWER_CHARS``, gives ``None``.
+    """
+    if not isinstance(text, str) or not text:
+        return None
+    if len(text) > MAX_RESPONSE_CHARS:
+        text = text[-MAX_RESPONSE_CHARS:]
+    close = text.rfind(_ANSWER_CLOSE)
+    start = text.rfind(_ANSWER_OPEN, 0, close) if close >= 0 else -1
+    if start < 0:
+        return last_boxed_answer(text)
+    block = text[start + len(_ANSWER_OPEN) : close]
+    if "\\boxed" in block or "\\fbox" in block:
+        return last_boxed_answer(block)
+    block = block.strip()
+    if not block or len(block) > MAX_ANSWER_CHARS:
+        return None
+    return block
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -358,15 +390,16 @@ def _get_pool() -> ProcessPoolExecutor:
         return pool
 
 
-def _run_in_pool(fn_name: str, args: tuple, timeout_s: float) -> Any:
+def _run_in_pool(fn_name: "str | Callable", args: tuple, timeout_s: float) -> Any:
     """Run ``tbrm_verl.reward.<fn_name>(*args)`` in the pool; raises ``_Timeout`` after ``timeout_s`` seconds.
+    ``fn_name`` may also be a function of another importable module (``tbrm_verl.reasoning_gym_reward`` uses the pool).
 
     At most one call per worker is in flight (callers beyond that wait for a free slot first), so the timeout
     measures the answer's own run time, not time spent queued behind other threads' answers. On timeout the pool
     (with the stuck worker) is killed. If the pool breaks under a call for another reason (e.g. another thread's
     timeout killed it), the call is retried once on a fresh pool.
     """
-    fn: Callable = getattr(_canonical_module(), fn_name)
+    fn: Callable = fn_name if callable(fn_name) else getattr(_canonical_module(), fn_name)
     for attempt in range(2):
         pool = _get_pool()
         slots: threading.Semaphore = pool._tbrm_slots  # type: ignore[attr-defined]
@@ -436,9 +469,10 @@ def _ground_truths(ground_truth: Any) -> list[str]:
 
 
 def is_correct(solution_str: Any, ground_truth: Any, timeout_s: float = 5.0) -> bool:
-    """Whether the last boxed answer of ``solution_str`` equals ``ground_truth`` (a string, or a list of accepted
-    strings). Never raises on bad input; a Math-Verify call that runs past ``timeout_s`` counts as wrong."""
-    pred = last_boxed_answer(solution_str)
+    """Whether the final answer of ``solution_str`` (``final_answer``: last ``<answer>`` block, else last box) equals
+    ``ground_truth`` (a string, or a list of accepted strings). Never raises on bad input; a Math-Verify call that
+    runs past ``timeout_s`` counts as wrong."""
+    pred = final_answer(solution_str)
     if pred is None:
         return False
     golds = _ground_truths(ground_truth)
@@ -467,7 +501,8 @@ def compute_score(
     timeout_s: float = 5.0,
     **kwargs: Any,
 ) -> float:
-    """verl custom reward: correctness of the last boxed answer, as 0/1 (``zero_one``) or -1/+1 (``plus_minus_one``).
+    """verl custom reward: correctness of the final answer (``final_answer``), as 0/1 (``zero_one``) or -1/+1
+    (``plus_minus_one``).
 
     ``data_source`` and ``extra_info`` are accepted for verl's signature and not used; extra keyword arguments that
     verl's reward loop passes (e.g. ``reward_router_address``) are ignored.

@@ -2,8 +2,12 @@
 
 CLI::
 
-    python -m tbrm_verl.data train --out-dir DIR [--source HUB_ID_OR_FILE] [--strict]
+    python -m tbrm_verl.data train --out-dir DIR [--source HUB_ID_OR_FILE] [--strict] [--template qwen_math|r1]
     python -m tbrm_verl.data eval  --out-dir DIR [--sources NAME=HUB_ID_OR_FILE ...] [--names NAME ...] [--strict]
+                                   [--template qwen_math|r1]
+    python -m tbrm_verl.data reasoning_gym --out-dir DIR [--train-size N] [--test-size M] [--tasks TASK ...]
+
+(``tbrm_verl.data.reasoning_gym``: the Table 4 tasks; needs the ``reasoning_gym`` extra.)
 """
 
 from tbrm_verl.data.prep import (
@@ -12,7 +16,10 @@ from tbrm_verl.data.prep import (
     DEFAULT_TRAIN_SOURCE,
     EVAL_NAMES,
     EVAL_SOURCES,
+    R1_TEMPLATE,
+    RAW_CHAT_TEMPLATE,
     SYSTEM_PROMPT,
+    TEMPLATES,
     TRAIN_DATA_SOURCE,
     TRAIN_FILE_NAME,
     EvalSource,
@@ -33,7 +40,10 @@ __all__ = [
     "DEFAULT_TRAIN_SOURCE",
     "EVAL_NAMES",
     "EVAL_SOURCES",
+    "R1_TEMPLATE",
+    "RAW_CHAT_TEMPLATE",
     "SYSTEM_PROMPT",
+    "TEMPLATES",
     "TRAIN_DATA_SOURCE",
     "TRAIN_FILE_NAME",
     "EvalSource",

@@ -1,15 +1,19 @@
-"""``python -m tbrm_verl.data {train,eval} ...``: build the TBRM parquet files (exit 0 ok, 2 on input errors)."""
+"""``python -m tbrm_verl.data {train,eval,reasoning_gym} ...``: build the TBRM parquet files (exit 0 ok, 2 on input
+errors)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from tbrm_verl.data import reasoning_gym as rg
 from tbrm_verl.data.prep import (
+    DEFAULT_TEMPLATE,
     DEFAULT_TRAIN_SOURCE,
     DEFAULT_TRAIN_SPLIT,
     EVAL_NAMES,
     EVAL_SOURCES,
+    TEMPLATES,
     PrepError,
     build_eval,
     build_train,
@@ -26,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache-dir", default=None, help="Hugging Face datasets cache directory")
         sp.add_argument(
             "--progress-every", type=int, default=100_000, metavar="N", help="a progress line every N records (0: none)"
+        )
+        sp.add_argument(
+            "--template",
+            choices=TEMPLATES,
+            default=DEFAULT_TEMPLATE,
+            help="prompt template: qwen_math (the paper's \\boxed{} system prompt, default) or r1 (DeepSeek-R1 "
+            "<think>/<answer> template, Figure 1b; render it with actor_rollout_ref.model.custom_chat_template, see "
+            "tbrm_verl/data/prep.py); file names do not change, so write r1 files to their own --out-dir",
         )
 
     t = sub.add_parser("train", help="DAPO math prompts -> OUT_DIR/dapo_math_train.parquet")
@@ -56,6 +68,20 @@ def _parser() -> argparse.ArgumentParser:
         help=f"build only these sets (default all: {' '.join(EVAL_NAMES)})",
     )
     common(e)
+
+    r = sub.add_parser(
+        "reasoning_gym",
+        help="the Table 4 reasoning-gym graph tasks -> OUT_DIR/reasoning_gym_{task}_{train,test}.parquet",
+        description=(rg.__doc__ or "").split("\n\n")[0],
+    )
+    r.add_argument("--out-dir", required=True, help="output directory (created if missing)")
+    r.add_argument("--train-size", type=int, default=rg.DEFAULT_TRAIN_SIZE, help="problems per task (default 2000)")
+    r.add_argument("--test-size", type=int, default=rg.DEFAULT_TEST_SIZE, help="problems per task (default 100)")
+    r.add_argument("--train-seed", type=int, default=rg.DEFAULT_TRAIN_SEED, help=f"default {rg.DEFAULT_TRAIN_SEED}")
+    r.add_argument("--test-seed", type=int, default=rg.DEFAULT_TEST_SEED, help=f"default {rg.DEFAULT_TEST_SEED}")
+    r.add_argument(
+        "--tasks", nargs="*", default=None, metavar="TASK", help=f"only these tasks (default all: {' '.join(rg.TASKS)})"
+    )
     return p
 
 
@@ -70,8 +96,19 @@ def main(argv: list[str] | None = None) -> int:
                 strict=args.strict,
                 cache_dir=args.cache_dir,
                 progress_every=args.progress_every,
+                template=args.template,
             )
             print(report.summary())
+        elif args.command == "reasoning_gym":
+            for report in rg.build_reasoning_gym(
+                args.out_dir,
+                train_size=args.train_size,
+                test_size=args.test_size,
+                train_seed=args.train_seed,
+                test_seed=args.test_seed,
+                tasks=args.tasks,
+            ):
+                print(report.summary())
         else:
             sources = {}
             for item in args.sources:
@@ -86,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                 strict=args.strict,
                 cache_dir=args.cache_dir,
                 progress_every=args.progress_every,
+                template=args.template,
             ):
                 print(report.summary())
     except PrepError as e:

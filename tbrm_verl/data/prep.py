@@ -7,6 +7,7 @@ column         value
 =============  ========================================================================================
 data_source    ``"dapo_math"`` (train) or the eval tag: aime24, aime25, amc23, math500, minerva, olympiadbench
 prompt         ``[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]``
+               (``--template r1``: ``[{"role": "user", "content": R1_TEMPLATE.format(question=question)}]``)
 ability        ``"math"``
 reward_model   ``{"style": "rule", "ground_truth": str}``
 extra_info     ``{"index": int (row number in this file), "split": "train" | "test",
@@ -17,6 +18,18 @@ With Qwen2.5-Math's ChatML chat template the prompt renders exactly as the paper
 
     <|im_start|>system\\nPlease reason step by step, and put your final answer within \\boxed{}.<|im_end|>\\n
     <|im_start|>user\\n{question}<|im_end|>\\n<|im_start|>assistant\\n
+
+Templates (``template=``, CLI ``--template``): ``qwen_math`` (default, above) or ``r1``, the DeepSeek-R1 template of
+the paper's Figure 1b (``R1_TEMPLATE``: the whole prompt, ending in ``Assistant:``, asking for ``<think>`` reasoning and
+an ``<answer>`` block, which ``tbrm_verl.reward`` scores). verl 0.9.1 has no raw-string prompt: ``RLHFDataset`` hands
+the ``prompt`` messages to the agent loop, which always renders them with the tokenizer's chat template. So an r1 row
+is a single user message holding the whole template, and a run renders it verbatim with verl's
+``actor_rollout_ref.model.custom_chat_template`` set to ``RAW_CHAT_TEMPLATE`` (the messages' text, nothing added)::
+
+    'actor_rollout_ref.model.custom_chat_template="{% for m in messages %}{{ m.content }}{% endfor %}"'
+
+Without it Qwen2.5-Math's ChatML template wraps the message and, as the row has no system message, adds its default
+``\\boxed{}`` system prompt. The files' names do not depend on the template: write r1 files to their own directory.
 
 Training set (``BytedTsinghua-SIA/DAPO-Math-17k``): its rows are verl rows whose single user message wraps the
 problem in DAPO's instruction text::
@@ -53,6 +66,16 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TextIO
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+R1_TEMPLATE = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The assistant "
+    "first thinks about the reasoning process in the mind and then provides the user with the answer. The reasoning "
+    "process and answer are enclosed within <think> </think> and <answer> </answer> tags, respectively, i.e., "
+    "<think> reasoning process here </think> <answer> answer here </answer>. User: {question}. Assistant:"
+)
+TEMPLATES = ("qwen_math", "r1")
+DEFAULT_TEMPLATE = "qwen_math"
+#: a chat template that renders the messages' text and nothing else (for r1 rows; see the module docstring)
+RAW_CHAT_TEMPLATE = "{% for m in messages %}{{ m.content }}{% endfor %}"
 DAPO_PREFIX = (
     "Solve the following math problem step by step. The last line of your response should be of the form "
     "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n"
@@ -135,9 +158,14 @@ def strip_dapo_wrapper(text: str) -> str:
     return t.strip()
 
 
-def make_prompt(question: str) -> list[dict[str, str]]:
-    """Qwen2.5-Math chat messages for ``question``: the \\boxed{} system prompt and the bare question."""
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+def make_prompt(question: str, template: str = DEFAULT_TEMPLATE) -> list[dict[str, str]]:
+    """Chat messages for ``question``: ``qwen_math``: the \\boxed{} system prompt and the bare question; ``r1``: one
+    user message holding the whole DeepSeek-R1 prompt (see the module docstring)."""
+    if template == "qwen_math":
+        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    if template == "r1":
+        return [{"role": "user", "content": R1_TEMPLATE.format(question=question)}]
+    raise PrepError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
 
 
 def _is_sequence(x: Any) -> bool:
@@ -224,10 +252,18 @@ def eval_record_to_pair(record: dict, question_field: str, answer_field: str) ->
     return q, normalize_ground_truth(record.get(answer_field))
 
 
-def make_row(data_source: str, question: str, answer: str, index: int, split: str, source_index: int) -> dict:
+def make_row(
+    data_source: str,
+    question: str,
+    answer: str,
+    index: int,
+    split: str,
+    source_index: int,
+    template: str = DEFAULT_TEMPLATE,
+) -> dict:
     return {
         "data_source": data_source,
-        "prompt": make_prompt(question),
+        "prompt": make_prompt(question, template),
         "ability": ABILITY,
         "reward_model": {"style": "rule", "ground_truth": answer},
         "extra_info": {"index": index, "split": split, "source_index": source_index},
@@ -367,9 +403,12 @@ def _process(
     return kept
 
 
-def rows_to_table(rows: list[dict]):
+def rows_to_table(rows: list[dict], schema=None):
+    """A pyarrow table of ``rows`` with ``schema`` (default: the math files' schema above)."""
     import pyarrow as pa
 
+    if schema is not None:
+        return pa.Table.from_pylist(rows, schema=schema)
     schema = pa.schema(
         [
             ("data_source", pa.string()),
@@ -385,14 +424,15 @@ def rows_to_table(rows: list[dict]):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def write_parquet_atomic(rows: list[dict], path: Path) -> str:
-    """Write ``rows`` to ``path`` via a temporary file + rename. Returns "written" or "up to date" (same bytes)."""
+def write_parquet_atomic(rows: list[dict], path: Path, schema=None) -> str:
+    """Write ``rows`` (with ``schema``, default the math files' one) to ``path`` via a temporary file + rename.
+    Returns "written" or "up to date" (same bytes)."""
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        pq.write_table(rows_to_table(rows), tmp, compression="zstd")
+        pq.write_table(rows_to_table(rows, schema), tmp, compression="zstd")
         if path.is_file() and path.stat().st_size == tmp.stat().st_size and path.read_bytes() == tmp.read_bytes():
             tmp.unlink()
             return "up to date"
@@ -412,14 +452,16 @@ def build_train(
     cache_dir: str | None = None,
     progress_every: int = 100_000,
     log: TextIO | None = None,
+    template: str = DEFAULT_TEMPLATE,
 ) -> Report:
-    """DAPO prompts -> ``out_dir/dapo_math_train.parquet`` (unique problems, Qwen2.5-Math template)."""
+    """DAPO prompts -> ``out_dir/dapo_math_train.parquet`` (unique problems; Qwen2.5-Math template or ``r1``)."""
     log = log or sys.stderr
+    make_prompt("", template)  # an unknown template fails before the download
     report = Report("train")
     ds = load_source(source, split, cache_dir)
     progress = _Progress("train", len(ds), progress_every, log)
     kept = _process(iter_records(ds), dapo_record_to_pair, report, strict, True, progress, log)
-    rows = [make_row(TRAIN_DATA_SOURCE, q, a, i, "train", src) for i, (src, q, a) in enumerate(kept)]
+    rows = [make_row(TRAIN_DATA_SOURCE, q, a, i, "train", src, template) for i, (src, q, a) in enumerate(kept)]
     path = Path(out_dir) / TRAIN_FILE_NAME
     report.written, report.path = len(rows), str(path)
     report.status = write_parquet_atomic(rows, path)
@@ -437,10 +479,12 @@ def build_eval(
     cache_dir: str | None = None,
     progress_every: int = 100_000,
     log: TextIO | None = None,
+    template: str = DEFAULT_TEMPLATE,
 ) -> list[Report]:
     """The evaluation sets -> ``out_dir/{name}.parquet``. ``sources`` maps a name to a local file or hub id
     (default: ``EVAL_SOURCES[name].hub_id``); ``names`` restricts which sets are built (default: all six)."""
     log = log or sys.stderr
+    make_prompt("", template)
     sources = dict(sources or {})
     names = list(names) if names else list(EVAL_NAMES)
     unknown = sorted((set(sources) | set(names)) - set(EVAL_SOURCES))
@@ -465,7 +509,7 @@ def build_eval(
         kept = _process(
             iter_records(ds), lambda r: eval_record_to_pair(r, qf, af), report, strict, False, progress, log
         )
-        rows = [make_row(name, q, a, i, "test", s) for i, (s, q, a) in enumerate(kept)]
+        rows = [make_row(name, q, a, i, "test", s, template) for i, (s, q, a) in enumerate(kept)]
         path = Path(out_dir) / f"{name}.parquet"
         report.written, report.path = len(rows), str(path)
         report.status = write_parquet_atomic(rows, path)
