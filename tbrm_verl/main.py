@@ -61,8 +61,8 @@ def run(cfg) -> None:
         ray_init = cfg.ray_kwargs.ray_init
         if os.environ.get("RAY_ADDRESS") or ray_init.get("address"):
             # joining a running cluster: its nodes declared their resources at `ray start`; Ray refuses them here
-            ray_init.pop("num_cpus", None)
-            ray_init.pop("num_gpus", None)
+            for key in ("num_cpus", "num_gpus", "include_dashboard"):
+                ray_init.pop(key, None)
         # (DictConfig.setdefault returns a detached plain dict for a new key: assign the nodes instead)
         if ray_init.get("runtime_env") is None:
             ray_init.runtime_env = {}
