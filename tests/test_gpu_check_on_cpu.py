@@ -145,6 +145,17 @@ def test_cli_end_to_end_with_overhead_scan(tmp_path):
         assert key in res
     # more tokens than the loss's 1024-row entropy chunk: a chunked float32 temporary is not mistaken for a copy
     assert o["tokens"] > 1024
+    # docs/gpu_check.md explains every field of this JSON
+    doc = (ROOT / "docs" / "gpu_check.md").read_text()
+    undocumented = sorted({k for k in _keys(res) if not any(f in doc for f in (f"`{k}`", f".{k}`", f"`{k}."))})
+    assert not undocumented, f"fields missing from docs/gpu_check.md: {undocumented}"
+
+
+def _keys(d):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield k
+            yield from _keys(v)
 
 
 def test_missing_module_is_one_line_exit_2():
