@@ -1,8 +1,9 @@
 """Device checks of the TBRM loss that a CPU cannot make: bf16 numerics on the GPU and the logits hook's overhead.
 
-    python -m tbrm_verl.gpu_check                                       # after the GPU install (~1-2 min)
+    python -m tbrm_verl.gpu_check                                          # after the GPU install (<1 min, est.)
     python -m tbrm_verl.gpu_check bundle --out DIR --python-version 3.12   # here; then, on a bare GPU machine
-    bash DIR/run.sh                                                        #   (torch, transformers, no network)
+    bash DIR/run.sh                                                        #   (torch, transformers, no network;
+                                                                           #   1-1.5 min, estimated)
     python -m tbrm_verl.gpu_check --device cpu --out /tmp/gpu_check.json   # same checks, small shapes (<1 min)
 
 Writes one JSON (default docs/gpu_check.json; DIR/gpu_check.json from the bundle) whose fields docs/gpu_check.md
@@ -274,8 +275,8 @@ def _engine_path(cls) -> str:
 class _Forward:
     """One micro-batch through verl's FSDP engine forward path, with verl's own methods:
     FSDPEngineWithLMHead.prepare_model_inputs -> model (autocast) -> prepare_model_outputs (logits hook) -> loss.
-    The engine object is created without __init__ (no optimizer, no checkpoint manager): these two methods read only
-    the attributes set here (remove-padding, no Ulysses, no padding to a fixed length)."""
+    The engine object is created without __init__ (no optimizer, no checkpoint manager): on this path (remove-padding,
+    no Ulysses, no padding to a fixed length) the two methods read only the attributes set here."""
 
     def __init__(self):
         cls = prepare_imports()["engine_class"]
@@ -783,8 +784,9 @@ def main(argv=None) -> int:
 
         return gpu_bundle.main(argv[1:])
     ap = argparse.ArgumentParser(prog="python -m tbrm_verl.gpu_check", description=__doc__.split("\n")[0],
-                                 epilog="python -m tbrm_verl.gpu_check bundle --out DIR [--python-version 3.12]: a "
-                                 "folder that runs this check offline on a GPU machine without verl (docs/gpu_check.md)")
+                                 epilog="python -m tbrm_verl.gpu_check bundle --out DIR [--python-version 3.12]: "
+                                 "a folder that runs this check offline on a GPU machine without verl "
+                                 "(docs/gpu_check.md)")
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     ap.add_argument("--out", default="docs/gpu_check.json")
     ap.add_argument("--dtypes", default="fp32,bf16", help="correctness dtypes, comma-separated (fp32, bf16)")
