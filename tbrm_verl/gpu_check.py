@@ -1,20 +1,23 @@
 """Device checks of the TBRM loss that a CPU cannot make: bf16 numerics on the GPU and the logits hook's overhead.
 
-    python -m tbrm_verl.gpu_check --out docs/gpu_check.json            # on a GPU machine (~1-3 min)
-    python -m tbrm_verl.gpu_check --device cpu --out /tmp/gpu_check.json  # same checks, small shapes (<1 min)
+    python -m tbrm_verl.gpu_check                                          # after the GPU install (<1 min, est.)
+    python -m tbrm_verl.gpu_check bundle --out DIR --python-version 3.12   # here; then, on a bare GPU machine
+    bash DIR/run.sh                                                        #   (torch, transformers, no network;
+                                                                           #   1-1.5 min, estimated)
+    python -m tbrm_verl.gpu_check --device cpu --out /tmp/gpu_check.json   # same checks, small shapes (<1 min)
 
-Needs torch, transformers, tensordict and the verl 0.9.1 wheel (`pip install --no-deps verl==0.9.1` is enough: only
-verl's light modules are imported). Ray and vLLM are not needed: when `import ray` fails, verl's package
-`__init__` (which imports ray through `verl.protocol`) is skipped and only the modules the loss uses are loaded
-(`verl.workers.utils.padding`, `verl.utils.metric`, `verl.utils.torch_functional`, `verl.utils.tensordict_utils`).
-verl's FSDP engine module imports ray at import time (verl.utils.checkpoint -> verl.single_controller); the script
-tries to import it with a temporary stand-in `ray` module (it needs only `ray.remote`/`ray.ObjectRef` as names at
-import time; the stand-in is removed again) so that verl's own `prepare_model_inputs`/`prepare_model_outputs` build
-the packed inputs and call the loss; if that import fails (e.g. peft missing) it falls back to a line-for-line
-replication of that code path (remove-padding, no Ulysses, no fused kernels) and says so in the output. The model is
-always wrapped by this script in torch FSDP2 (`fully_shard` per decoder layer + root, MixedPrecisionPolicy(param
-bf16, reduce fp32), like verl's `apply_fsdp2`) on a single-rank process group and run under autocast, as verl's
-engine does.
+Writes one JSON (default docs/gpu_check.json; DIR/gpu_check.json from the bundle) whose fields docs/gpu_check.md
+explains: `passed` and `failed_checks` first, then every number. Exits 0 when every check passed, 1 when one failed,
+2 when a required module is missing.
+
+Always runs verl's own engine code: FSDPEngineWithLMHead.prepare_model_inputs/prepare_model_outputs build the packed
+inputs, call the logits hook and the loss, as in training. Ray and vLLM are not needed: when `import ray` fails,
+verl's package `__init__` (which imports ray through `verl.protocol`) is skipped, and verl's FSDP engine module
+(which imports ray at import time: verl.utils.checkpoint -> verl.single_controller, only `ray.remote`/`ray.ObjectRef`
+as names) is imported with a temporary stand-in `ray` module, removed again afterwards. Ray's wheel is too large for
+the bundle (tbrm_verl/gpu_bundle.py says what the bundle carries and why). The model is wrapped by this script in
+torch FSDP2 (`fully_shard` per decoder layer + root, MixedPrecisionPolicy(param bf16, reduce fp32), like verl's
+`apply_fsdp2`) on a single-rank process group and run under autocast, as verl's engine does.
 
 Checks:
   (a)+(b) correctness: a tiny random Qwen2 (hidden 128, 2 layers, 4 heads, head_dim 32, vocab 512) runs the TBRM
@@ -29,9 +32,6 @@ Checks:
       `max_memory_allocated`, and a dispatch-level scan for float32 [tokens, vocab] tensors. Target: <= 3% time
       overhead, no float32 [tokens, vocab] copy. The time target is reported, not enforced (it depends on the
       machine); the float32-copy scan is a correctness check.
-
-Writes a JSON with every number (device, versions, code path used) and prints a summary; exits 1 if a correctness
-check fails, 2 if the environment lacks a required module.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ import copy
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -52,7 +53,9 @@ import time
 import types
 from functools import partial
 
-import torch
+_T0 = time.time()  # wall time counts from here (before torch's import) when not run by the bundle's run.sh
+
+import torch  # noqa: E402
 
 __all__ = ["prepare_imports", "run_correctness", "run_overhead", "run_all", "main", "reference_losses"]
 
@@ -72,8 +75,10 @@ TINY = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_l
 BENCH_GPU = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2,
                  num_attention_heads=12, num_key_value_heads=2, head_dim=128, n_seqs=4, seq_len=2048, prompt_len=256,
                  reps=5, warmup=2)
+# More tokens than the loss's row chunk for the entropy metric (1024): only then is a chunked float32 temporary
+# smaller than [tokens, vocab] and the scan able to tell it from a full copy (the GPU shape has 8192 tokens).
 BENCH_CPU = dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, head_dim=16, n_seqs=2, seq_len=128, prompt_len=32, reps=3, warmup=1)
+                 num_key_value_heads=2, head_dim=16, n_seqs=4, seq_len=320, prompt_len=32, reps=3, warmup=1)
 
 
 # ------------------------------------------------------------------------------------------------------ imports
@@ -81,7 +86,8 @@ _ENV: dict = {}
 
 
 def prepare_imports() -> dict:
-    """Import verl's light modules without ray if ray is absent; find out which engine code path is usable."""
+    """Import verl's light modules and its FSDP engine class, without ray if ray is absent (verl's package
+    `__init__` skipped, a stand-in `ray` during the engine import). Raises ImportError naming what is missing."""
     if _ENV:
         return _ENV
     info = {}
@@ -107,12 +113,11 @@ def prepare_imports() -> dict:
     from verl.utils import torch_functional as vF
 
     info["flash_attn_cross_entropy"] = bool(vF.FLAH_ATTN_CROSS_ENTROPY_LOSS_AVAILABLE)
-    info["engine_class"] = None
     try:
         info["engine_class"] = _import_engine_class(info["ray"] == "available")
-        info["engine_import"] = "ok" + ("" if info["ray"] == "available" else " (ray stand-in during import)")
-    except Exception as e:  # noqa: BLE001
-        info["engine_import"] = f"failed: {type(e).__name__}: {str(e)[:200]}"
+    except ImportError as e:
+        raise ImportError(f"{e} (imported by verl's FSDP engine module)") from e
+    info["engine_import"] = "ok" + ("" if info["ray"] == "available" else " (ray stand-in during import)")
     _ENV.update(info)
     return _ENV
 
@@ -263,59 +268,33 @@ def _build_batch(prompts, resps, refs, rewards, layout: str, max_response_len: i
 
 
 # ------------------------------------------------------------------------------------------- verl forward path
-class _Forward:
-    """One micro-batch through verl's FSDP engine forward path: prepare_model_inputs -> model (autocast) ->
-    prepare_model_outputs (logits hook) -> loss. Uses verl's own methods when its engine module is importable."""
+def _engine_path(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}.prepare_model_inputs/prepare_model_outputs"
 
-    def __init__(self, engine: str):
-        env = prepare_imports()
-        self.engine_obj = None
-        if engine in ("auto", "verl") and env.get("engine_class") is not None:
-            eng = object.__new__(env["engine_class"])
-            eng.pad_to_length = False
-            eng.use_ulysses_sp = False
-            eng.ulysses_sequence_parallel_size = 1
-            self.engine_obj = eng
-            self.path = "verl FSDPEngineWithLMHead.prepare_model_inputs/prepare_model_outputs"
-        elif engine == "verl":
-            raise RuntimeError(f"verl engine requested but not importable: {env.get('engine_import')}")
-        else:
-            self.path = "replication of FSDPEngineWithLMHead's remove-padding path (engine not importable" + (
-                ")" if engine == "auto" else ", --engine manual)")
+
+class _Forward:
+    """One micro-batch through verl's FSDP engine forward path, with verl's own methods:
+    FSDPEngineWithLMHead.prepare_model_inputs -> model (autocast) -> prepare_model_outputs (logits hook) -> loss.
+    The engine object is created without __init__ (no optimizer, no checkpoint manager): on this path (remove-padding,
+    no Ulysses, no padding to a fixed length) the two methods read only the attributes set here."""
+
+    def __init__(self):
+        cls = prepare_imports()["engine_class"]
+        self.path = _engine_path(cls)
+        eng = object.__new__(cls)
+        eng.pad_to_length = False
+        eng.use_ulysses_sp = False
+        eng.ulysses_sequence_parallel_size = 1
+        self.engine_obj = eng
 
     def __call__(self, model, mb, loss_fn, device: torch.device, dtype: torch.dtype):
         ctx = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
                else contextlib.nullcontext())
-        if self.engine_obj is not None:
-            inputs, out_args = self.engine_obj.prepare_model_inputs(micro_batch=mb)
-            with ctx:
-                raw = model(**inputs, use_cache=False)
-                model_output = self.engine_obj.prepare_model_outputs(
-                    output=raw, output_args=out_args, micro_batch=mb, logits_processor_func=loss_fn)
-                return loss_fn(model_output=model_output, data=mb, dp_group=None)
-        return self._manual(model, mb, loss_fn, ctx)
-
-    @staticmethod
-    def _manual(model, mb, loss_fn, ctx):
-        from verl.utils import tensordict_utils as tu
-        from verl.utils.torch_functional import logprobs_from_logits
-
-        input_ids = mb["input_ids"]
-        ids = input_ids.values().unsqueeze(0)  # (1, nnz)
-        pos = mb["position_ids"].values().unsqueeze(0)
-        rolled = torch.roll(ids, shifts=-1, dims=1).squeeze(0)
-        cu = input_ids.offsets()
+        inputs, out_args = self.engine_obj.prepare_model_inputs(micro_batch=mb)
         with ctx:
-            raw = model(input_ids=ids, attention_mask=None, position_ids=pos, use_cache=False)
-            logits = raw.logits.squeeze(0)  # (nnz, V); temperature 1: no scaling
-            model_output = {}
-            if tu.get_non_tensor_data(data=mb, key="distillation_use_topk", default=False):
-                for k, v in loss_fn(student_logits=logits.unsqueeze(0), data=mb).items():
-                    v = v.squeeze(0)
-                    assert v.shape == (logits.shape[0],)
-                    model_output[k] = torch.nested.nested_tensor_from_jagged(v, cu)
-            lp = logprobs_from_logits(logits=logits, labels=rolled, inplace_backward=True)
-            model_output["log_probs"] = torch.nested.nested_tensor_from_jagged(lp, cu)
+            raw = model(**inputs, use_cache=False)
+            model_output = self.engine_obj.prepare_model_outputs(
+                output=raw, output_args=out_args, micro_batch=mb, logits_processor_func=loss_fn)
             return loss_fn(model_output=model_output, data=mb, dp_group=None)
 
 
@@ -379,15 +358,15 @@ def _cpu_threads(device, n: int = 1):
     return _torch_threads(n) if torch.device(device).type == "cpu" else contextlib.nullcontext()
 
 
-def run_correctness(device="cpu", dtype="bf16", engine="auto", seed=0, micro_batches=2, variants=VARIANTS,
+def run_correctness(device="cpu", dtype="bf16", seed=0, micro_batches=2, variants=VARIANTS,
                     loss_factory=None) -> dict:
     """Checks (a)+(b) on the tiny model. `loss_factory(cfg)` may replace `partial(tbrm_loss, cfg)` (tests use it to
     show that a broken loss is caught)."""
     with _cpu_threads(device), _dist_session(device):
-        return _run_correctness(device, dtype, engine, seed, micro_batches, variants, loss_factory)
+        return _run_correctness(device, dtype, seed, micro_batches, variants, loss_factory)
 
 
-def _run_correctness(device, dtype, engine, seed, micro_batches, variants, loss_factory) -> dict:
+def _run_correctness(device, dtype, seed, micro_batches, variants, loss_factory) -> dict:
     from verl.utils import tensordict_utils as tu
 
     from tbrm_verl.loss import TBRMLossConfig, tbrm_loss
@@ -399,7 +378,7 @@ def _run_correctness(device, dtype, engine, seed, micro_batches, variants, loss_
     if device.type == "cuda":  # no TF32 in the float32 check
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    fwd = _Forward(engine)
+    fwd = _Forward()
     base = _qwen2(TINY, seed)
     ref_model = copy.deepcopy(base)  # float32 CPU reference, never wrapped
     if tdtype != torch.float32:
@@ -593,14 +572,14 @@ def _plain_logprob_loss(model_output=None, data=None, dp_group=None, student_log
     return -torch.where(mask, lp, 0.0).sum() / data["global_batch_size"] * data["dp_size"], {}
 
 
-def run_overhead(device="cpu", dtype="bf16", engine="auto", spec=None, seed=0) -> dict:
+def run_overhead(device="cpu", dtype="bf16", spec=None, seed=0) -> dict:
     """Check (c): time and peak memory of TBRM loss fwd+bwd vs a plain log-prob fwd+bwd, and a scan for float32
     [tokens, vocab] tensors created by either."""
     with _cpu_threads(device), _dist_session(device):
-        return _run_overhead(device, dtype, engine, spec, seed)
+        return _run_overhead(device, dtype, spec, seed)
 
 
-def _run_overhead(device, dtype, engine, spec, seed) -> dict:
+def _run_overhead(device, dtype, spec, seed) -> dict:
     from verl.utils import tensordict_utils as tu
 
     from tbrm_verl.loss import TBRMLossConfig, tbrm_loss
@@ -609,7 +588,7 @@ def _run_overhead(device, dtype, engine, spec, seed) -> dict:
     device = torch.device(device)
     spec = dict(spec or (BENCH_GPU if device.type == "cuda" else BENCH_CPU))
     tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    fwd = _Forward(engine)
+    fwd = _Forward()
     model = _qwen2(spec, seed, device=device, init_range=0.02)
     fsdp = _wrap_fsdp2(model, device, tdtype)
     n, S, P = spec["n_seqs"], spec["seq_len"], spec["prompt_len"]
@@ -706,31 +685,69 @@ def _device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def run_all(device="auto", dtypes=("fp32", "bf16"), engine="auto", overhead=True, bench_spec=None) -> dict:
-    t0 = time.time()
+def _bundle_record():
+    """What run.sh installed from the bundle and what it reused from the machine (None when not run by run.sh)."""
+    path = os.environ.get("TBRM_GPU_CHECK_BUNDLE")
+    if not path or not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def failed_checks(res: dict) -> list[str]:
+    """Dotted names of the correctness checks that failed (the overhead *time* target is reported, not a check)."""
+    bad = [f"correctness.{dt}.{name}.{k}" for dt, c in res["correctness"].items()
+           for name, r in c["variants"].items() for k, ok in r["checks"].items() if not ok]
+    o = res.get("overhead")
+    if o is not None and not o["no_float32_tokens_x_vocab_copy"]:
+        bad.append("overhead.no_float32_tokens_x_vocab_copy")
+    return bad
+
+
+def run_all(device="auto", dtypes=("fp32", "bf16"), overhead=True, bench_spec=None) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     env = prepare_imports()
+    cls = env["engine_class"]
+    # verdict first: the JSON is read by a person
     out = {
-        "device": _device_name(dev), "device_type": dev.type, "versions": _versions(),
-        "cuda": torch.version.cuda, "imports": {k: v for k, v in env.items() if k != "engine_class"},
-        "ran_on_gpu": dev.type == "cuda", "correctness": {}, "overhead": None,
+        "passed": None, "failed_checks": None, "notes": [], "wall_time_s": None,
+        "device": _device_name(dev), "device_type": dev.type, "ran_on_gpu": dev.type == "cuda",
+        "cuda": torch.version.cuda, "versions": _versions(),
+        "engine_path": _engine_path(cls),
+        "engine_source": inspect.getsourcefile(cls),
+        "imports": {k: v for k, v in env.items() if k != "engine_class"}, "bundle": _bundle_record(),
+        "correctness": {}, "overhead": None,
     }
     for dt in dtypes:
-        out["correctness"][dt] = run_correctness(dev, dt, engine)
+        out["correctness"][dt] = run_correctness(dev, dt)
     if overhead:
-        out["overhead"] = run_overhead(dev, "bf16", engine, spec=bench_spec)
-    out["passed"] = all(c["passed"] for c in out["correctness"].values()) and (
-        out["overhead"] is None or out["overhead"]["no_float32_tokens_x_vocab_copy"])
-    out["runtime_s"] = time.time() - t0
+        out["overhead"] = run_overhead(dev, "bf16", spec=bench_spec)
+    out["failed_checks"] = failed_checks(out)
+    out["passed"] = not out["failed_checks"]
+    if dev.type != "cuda":
+        out["notes"].append("ran on the CPU with small shapes: run on a GPU for the bf16 device numerics and timing")
+    if out["overhead"] is not None and not out["overhead"]["overhead_target_met"]:
+        out["notes"].append(f"hook time overhead {out['overhead']['overhead_frac']:+.1%} is above the "
+                            f"{OVERHEAD_TARGET:.0%} target (reported, not a pass/fail check)")
+    out["wall_time_s"] = time.time() - _start_time()
     return out
+
+
+def _start_time() -> float:
+    """run.sh exports its start (wheel install included); otherwise this module's import, before torch's."""
+    try:
+        return float(os.environ["TBRM_GPU_CHECK_T0"])
+    except (KeyError, ValueError):
+        return _T0
 
 
 def _summary(res: dict) -> str:
     L = [f"TBRM device check on {res['device']} (torch {res['versions']['torch']}, transformers "
          f"{res['versions']['transformers']}, verl {res['versions']['verl']}; ray {res['imports'].get('ray')}; "
-         f"verl engine import: {res['imports'].get('engine_import')})"]
+         f"verl engine import: {res['imports'].get('engine_import')})", f"engine: {res['engine_path']} from "
+         f"{res['engine_source']}"]
     for dt, c in res["correctness"].items():
         L.append(f"[{'PASS' if c['passed'] else 'FAIL'}] correctness {dt}: {c['engine_path']}; {c['fsdp']}; "
                  f"packed-vs-per-seq logits diff {c['packed_vs_per_sequence_max_abs_logit_diff_fp32']:.1e}")
@@ -754,17 +771,25 @@ def _summary(res: dict) -> str:
                  f"{o['large_tensor_scan']['tbrm']['float32_count']}; half-precision full-size tensors plain "
                  f"{o['large_tensor_scan']['plain']['half_count']} / tbrm {o['large_tensor_scan']['tbrm']['half_count']}"
                  f"; {mem}")
-    L.append(f"overall: {'PASS' if res['passed'] else 'FAIL'}  ({res['runtime_s']:.1f} s)")
+    L.extend(f"note: {n}" for n in res["notes"])
+    L.append(f"overall: {'PASS' if res['passed'] else 'FAIL'}" + (f" (failed: {', '.join(res['failed_checks'])})"
+             if res["failed_checks"] else "") + f"  ({res['wall_time_s']:.1f} s)")
     return "\n".join(L)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tbrm_verl.gpu_check", description=__doc__.split("\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bundle"]:
+        from tbrm_verl import gpu_bundle
+
+        return gpu_bundle.main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m tbrm_verl.gpu_check", description=__doc__.split("\n")[0],
+                                 epilog="python -m tbrm_verl.gpu_check bundle --out DIR [--python-version 3.12]: "
+                                 "a folder that runs this check offline on a GPU machine without verl "
+                                 "(docs/gpu_check.md)")
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     ap.add_argument("--out", default="docs/gpu_check.json")
     ap.add_argument("--dtypes", default="fp32,bf16", help="correctness dtypes, comma-separated (fp32, bf16)")
-    ap.add_argument("--engine", choices=["auto", "verl", "manual"], default="auto",
-                    help="verl: use verl's FSDP engine methods; manual: the replication; auto: verl if importable")
     ap.add_argument("--no-overhead", action="store_true", help="skip check (c)")
     ap.add_argument("--bench-seqs", type=int)
     ap.add_argument("--bench-seq-len", type=int)
@@ -774,8 +799,8 @@ def main(argv=None) -> int:
     try:
         prepare_imports()
     except ImportError as e:
-        print(f"gpu_check: missing module: {e}. Needs torch, transformers, tensordict and verl==0.9.1 "
-              f"(pip install --no-deps verl==0.9.1; its light modules also need omegaconf, cloudpickle).")
+        print(f"gpu_check: missing module: {e}; install the project (pip install -e \".[gpu]\") or, on a machine "
+              f"without network, run the bundle: python -m tbrm_verl.gpu_check bundle --out DIR (docs/gpu_check.md)")
         return 2
     dev = "cuda" if a.device == "auto" and torch.cuda.is_available() else ("cpu" if a.device == "auto" else a.device)
     spec = dict(BENCH_GPU if torch.device(dev).type == "cuda" else BENCH_CPU)
@@ -783,7 +808,7 @@ def main(argv=None) -> int:
                  ("reps", a.bench_reps)):
         if v:
             spec[k] = v
-    res = run_all(dev, tuple(x for x in a.dtypes.split(",") if x), a.engine, not a.no_overhead, spec)
+    res = run_all(dev, tuple(x for x in a.dtypes.split(",") if x), not a.no_overhead, spec)
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w", encoding="utf-8") as f:

@@ -1,6 +1,6 @@
 """tbrm_verl.gpu_check on CPU: the same correctness checks the GPU run makes (float32 and bf16, small shapes), plus
-proof that the checks catch the pitfalls they are there for, and the no-ray import path the GPU machine uses.
-Nothing here asserts a time."""
+proof that the checks catch the pitfalls they are there for, that verl's own engine methods do the forward, and the
+no-ray import path the GPU machine uses. Nothing here asserts a time. (The offline bundle: tests/test_gpu_bundle.py.)"""
 
 import json
 import math
@@ -94,38 +94,88 @@ def _log_softmax_v(cfg):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_checks_catch_the_known_pitfalls(dtype):
     """A loss with V(s_1) detached, or computed from log-softmax outputs (identically 0), must fail the check."""
-    det = gc.run_correctness("cpu", dtype, engine="manual", variants=gc.VARIANTS[:1], loss_factory=_detached_v)
+    det = gc.run_correctness("cpu", dtype, variants=gc.VARIANTS[:1], loss_factory=_detached_v)
     r = det["variants"]["tbrm_padded"]
     assert not det["passed"] and not r["checks"]["grad_through_v_s1"]
     assert abs(r["grads"]["v_detached_discrimination"]["v_grad_coefficient"]) < 0.3
+    # the JSON's verdict names the failed check
+    assert f"correctness.{dtype}.tbrm_padded.grad_through_v_s1" in gc.failed_checks(
+        {"correctness": {dtype: det}, "overhead": None})
     if dtype == "fp32":
-        ls = gc.run_correctness("cpu", dtype, engine="manual", variants=gc.VARIANTS[:1], loss_factory=_log_softmax_v)
+        ls = gc.run_correctness("cpu", dtype, variants=gc.VARIANTS[:1], loss_factory=_log_softmax_v)
         assert not ls["passed"] and not ls["variants"]["tbrm_padded"]["checks"]["v_s1"]
 
 
-def test_manual_path_matches_verl_engine_path():
-    env = gc.prepare_imports()
-    if env.get("engine_class") is None:
-        pytest.skip(f"verl engine not importable here: {env.get('engine_import')}")
-    a = gc.run_correctness("cpu", "fp32", engine="verl", variants=gc.VARIANTS[:2])
-    b = gc.run_correctness("cpu", "fp32", engine="manual", variants=gc.VARIANTS[:2])
-    assert a["engine_path"].startswith("verl ") and b["engine_path"].startswith("replication")
-    for k in a["variants"]:
-        assert a["variants"][k]["loss"]["device"] == pytest.approx(b["variants"][k]["loss"]["device"], rel=1e-6)
-        assert a["variants"][k]["v_s1"]["device"] == pytest.approx(b["variants"][k]["v_s1"]["device"], abs=1e-6)
+def test_forward_is_verls_own_engine_code(monkeypatch):
+    """Every micro-batch goes through verl's FSDPEngineWithLMHead.prepare_model_inputs/prepare_model_outputs (the
+    class verl's source defines, not a copy): count the calls by wrapping the class's own methods."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    cls = gc.prepare_imports()["engine_class"]
+    assert cls is FSDPEngineWithLMHead
+    calls = {"prepare_model_inputs": 0, "prepare_model_outputs": 0}
+    for name in calls:
+        orig = getattr(cls, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **k):
+            calls[_name] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(cls, name, counted)
+    res = gc.run_correctness("cpu", "fp32", micro_batches=2, variants=gc.VARIANTS[:2])
+    assert res["passed"]
+    assert res["engine_path"] == ("verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead."
+                                  "prepare_model_inputs/prepare_model_outputs")
+    assert calls == {"prepare_model_inputs": 4, "prepare_model_outputs": 4}  # 2 variants x 2 micro-batches
 
 
 def test_cli_end_to_end_with_overhead_scan(tmp_path):
     out = tmp_path / "gpu_check.json"
     rc = gc.main(["--device", "cpu", "--dtypes", "bf16", "--out", str(out), "--bench-reps", "1"])
     res = json.loads(out.read_text())
-    assert rc == 0 and res["passed"] and not res["ran_on_gpu"]
+    assert rc == 0 and res["passed"] is True and res["failed_checks"] == [] and not res["ran_on_gpu"]
+    assert list(res)[:4] == ["passed", "failed_checks", "notes", "wall_time_s"]  # the verdict comes first
+    assert 0 < res["wall_time_s"] < 600 and res["bundle"] is None
+    assert res["engine_path"].startswith("verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead.")
     assert not torch.distributed.is_initialized()  # the single-rank group is torn down again
     o = res["overhead"]
     assert o["no_float32_tokens_x_vocab_copy"] and o["large_tensor_scan"]["tbrm"]["float32_count"] == 0
     assert o["tokens"] == o["shape"]["n_seqs"] * o["shape"]["seq_len"]
     for key in ("device", "versions", "imports", "correctness"):
         assert key in res
+    # more tokens than the loss's 1024-row entropy chunk: a chunked float32 temporary is not mistaken for a copy
+    assert o["tokens"] > 1024
+    # docs/gpu_check.md explains every field of this JSON
+    doc = (ROOT / "docs" / "gpu_check.md").read_text()
+    undocumented = sorted({k for k in _keys(res) if not any(f in doc for f in (f"`{k}`", f".{k}`", f"`{k}."))})
+    assert not undocumented, f"fields missing from docs/gpu_check.md: {undocumented}"
+
+
+def _keys(d):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield k
+            yield from _keys(v)
+
+
+def test_missing_module_is_one_line_exit_2():
+    """Without tensordict (verl's engine needs it) the check stops at once, names the module and the bundle."""
+    script = textwrap.dedent(
+        """
+        import sys, importlib.abc
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split('.')[0] == 'tensordict':
+                    raise ImportError("No module named 'tensordict'")
+        sys.meta_path.insert(0, Block())
+        from tbrm_verl.gpu_check import main
+        sys.exit(main(['--device', 'cpu', '--out', '']))
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr[-2000:]
+    assert lines[0].startswith("gpu_check: missing module:") and "tensordict" in lines[0] and "bundle" in lines[0]
 
 
 def test_runs_without_ray(tmp_path):
@@ -149,3 +199,4 @@ def test_runs_without_ray(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["imports"]["ray"].startswith("missing") and res["passed"]
+    assert res["imports"]["engine_import"] == "ok (ray stand-in during import)"
