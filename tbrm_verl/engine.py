@@ -7,7 +7,8 @@ the hooks with the micro-batch's last-prompt positions, the model's forward comp
 remove-padding and no-padding layouts are verl's code, untouched.
 
 Selection: the engine is registered in verl's `EngineRegistry` under its own vendor key (`tbrm`), which verl looks
-up before the device-only key when `VERL_ENGINE_VENDOR` names it. `TBRMTrainingWorker` sets that variable only
+up before the device-only key when `VERL_ENGINE_VENDOR` names it. `TBRMTrainingWorker` (tbrm_verl/actor_worker.py,
+kept apart so that this module imports without Ray, as `python -m tbrm_verl.gpu_check` needs) sets that variable only
 while it builds its engine, and `TBRMActorRolloutRefWorker` uses it for the actor alone: the reference model, the
 critic and the PPO/GRPO baselines keep verl's engine. The same key is registered for `cuda` and `npu`; the CPU
 platform looks engines up as `cuda` (VERL_ENGINE_DEVICE, tbrm_verl/cpu/platform.py), so CPU and GPU runs execute
@@ -16,7 +17,6 @@ the same class.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 from verl.utils import tensordict_utils as tu
@@ -25,7 +25,6 @@ with warnings.catch_warnings():  # verl warns about every optional engine (megat
     warnings.simplefilter("ignore", UserWarning)
     from verl.workers.engine import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
-    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from tbrm_verl.lean_v import LEAN_V_FLAG, LeanV
 
@@ -61,24 +60,3 @@ class TBRMEngine(FSDPEngineWithLMHead):
         if tu.get_non_tensor_data(data=micro_batch, key=LEAN_V_FLAG, default=False):
             model_output.update(self._tbrm_lean_v().take(micro_batch))  # tbrm_v (+ tbrm_entropy)
         return model_output
-
-
-class TBRMTrainingWorker(TrainingWorker):
-    """verl's TrainingWorker whose engine is looked up under the `tbrm` vendor key (TBRMEngine for FSDP)."""
-
-    def __init__(self, config):
-        previous = os.environ.get("VERL_ENGINE_VENDOR")
-        os.environ["VERL_ENGINE_VENDOR"] = ENGINE_VENDOR
-        try:
-            super().__init__(config)
-        finally:  # only this engine: the reference model built in the same process keeps verl's
-            if previous is None:
-                os.environ.pop("VERL_ENGINE_VENDOR", None)
-            else:
-                os.environ["VERL_ENGINE_VENDOR"] = previous
-
-
-class TBRMActorRolloutRefWorker(ActorRolloutRefWorker):
-    """verl's actor/rollout/ref worker with TBRMEngine for the actor; the reference keeps `TrainingWorker`."""
-
-    actor_worker_cls = TBRMTrainingWorker

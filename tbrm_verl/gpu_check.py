@@ -278,8 +278,8 @@ class _Forward:
     The engine object is created without __init__ (no optimizer, no checkpoint manager): on this path (remove-padding,
     no Ulysses, no padding to a fixed length) the two methods read only the attributes set here."""
 
-    def __init__(self):
-        cls = prepare_imports()["engine_class"]
+    def __init__(self, cls=None):
+        cls = cls or prepare_imports()["engine_class"]
         self.path = _engine_path(cls)
         eng = object.__new__(cls)
         eng.pad_to_length = False
@@ -290,6 +290,7 @@ class _Forward:
     def __call__(self, model, mb, loss_fn, device: torch.device, dtype: torch.dtype):
         ctx = (torch.autocast(device_type=device.type, dtype=dtype) if dtype != torch.float32
                else contextlib.nullcontext())
+        self.engine_obj.module = model  # TBRMEngine puts its V(s_1) hooks on the module the engine runs
         inputs, out_args = self.engine_obj.prepare_model_inputs(micro_batch=mb)
         with ctx:
             raw = model(**inputs, use_cache=False)
@@ -342,11 +343,16 @@ def _ref_seq_logits(model, prompts, resps):
 
 
 # ------------------------------------------------------------------------------------------------- correctness
+# (name, loss config, batch layout, V(s_1) path): "lean" is the default TBRM path (TBRMEngine: V(s_1) from B hidden
+# rows inside the forward, tbrm_verl/lean_v.py), "hook" verl's logits hook (the BRM ablation's path; TBRM's before).
 VARIANTS = (
-    ("tbrm_padded", dict(loss_variant="tbrm", reference_free=False), "padded"),
-    ("tbrm_nested", dict(loss_variant="tbrm", reference_free=False), "nested"),
-    ("tbrm_ref_free", dict(loss_variant="tbrm", reference_free=True), "nested"),
-    ("brm_padded", dict(loss_variant="brm", reference_free=False), "padded"),
+    ("tbrm_lean_padded", dict(loss_variant="tbrm", reference_free=False), "padded", "lean"),
+    ("tbrm_lean_nested", dict(loss_variant="tbrm", reference_free=False), "nested", "lean"),
+    ("tbrm_lean_ref_free", dict(loss_variant="tbrm", reference_free=True), "nested", "lean"),
+    ("tbrm_padded", dict(loss_variant="tbrm", reference_free=False), "padded", "hook"),
+    ("tbrm_nested", dict(loss_variant="tbrm", reference_free=False), "nested", "hook"),
+    ("tbrm_ref_free", dict(loss_variant="tbrm", reference_free=True), "nested", "hook"),
+    ("brm_padded", dict(loss_variant="brm", reference_free=False), "padded", "hook"),
 )
 
 
@@ -379,6 +385,10 @@ def _run_correctness(device, dtype, seed, micro_batches, variants, loss_factory)
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     fwd = _Forward()
+    from tbrm_verl.engine import TBRMEngine  # after prepare_imports: verl's engine module is loaded (ray stand-in)
+    from tbrm_verl.lean_v import LEAN_V_FLAG
+
+    fwd_lean = _Forward(TBRMEngine)
     base = _qwen2(TINY, seed)
     ref_model = copy.deepcopy(base)  # float32 CPU reference, never wrapped
     if tdtype != torch.float32:
@@ -406,7 +416,8 @@ def _run_correctness(device, dtype, seed, micro_batches, variants, loss_factory)
         packing_err = (packed - per_seq).abs().max().item()
 
     results = {}
-    for name, kw, layout in variants:
+    for name, kw, layout, *path in variants:
+        lean = path == ["lean"]
         cfg = TBRMLossConfig(beta=0.002, loss_scale="delta", **kw)
         # reference
         ref_model.zero_grad(set_to_none=True)
@@ -423,6 +434,8 @@ def _run_correctness(device, dtype, seed, micro_batches, variants, loss_factory)
 
         # device path: verl batch, split in micro-batches, loss summed (each scaled by dp_size/global_batch_size)
         batch = _build_batch(prompts, resps, refs, rewards, layout, 20 if layout == "padded" else None, device)
+        if lean:
+            tu.assign_non_tensor(batch, distillation_use_topk=False, **{LEAN_V_FLAG: True})
         base_fn = loss_factory(cfg) if loss_factory else partial(tbrm_loss, cfg)
         hook_outputs, logits_dtypes = [], set()
 
@@ -432,12 +445,14 @@ def _run_correctness(device, dtype, seed, micro_batches, variants, loss_factory)
                 out = _f(student_logits=student_logits, data=data)
                 hook_outputs.append({k: v.detach().float().cpu() for k, v in out.items()})
                 return out
+            if lean:  # V(s_1) as TBRMEngine computed it in the forward, per token like the hook's output
+                hook_outputs.append({"tbrm_v": model_output["tbrm_v"].values().detach().float().cpu()[None]})
             return _f(model_output=model_output, data=data, dp_group=dp_group)
 
         model.zero_grad(set_to_none=True)
         loss_dev, resid_sum, vs_dev = 0.0, 0.0, []
         for mb in tu.chunk_tensordict(batch, micro_batches):
-            loss, metrics = fwd(model, mb, loss_fn, device, tdtype)
+            loss, metrics = (fwd_lean if lean else fwd)(model, mb, loss_fn, device, tdtype)
             loss.backward()
             loss_dev += float(loss.detach())
             resid_sum += float(_metric_value(metrics.get("actor/tbrm_residual_mean")))
@@ -449,9 +464,11 @@ def _run_correctness(device, dtype, seed, micro_batches, variants, loss_factory)
         g_dev = {n: _full(p.grad).detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
         results[name] = _compare(name, layout, kw, loss_dev, loss_ref.item(), vs_dev, v_ref.detach(), resid_sum,
                                  d_ref.mean().item(), g_dev, g_ref, tol, sorted(logits_dtypes), g_detached)
+        results[name]["v_s1_path"] = ("TBRMEngine: B hidden rows in the forward" if lean
+                                      else "verl's logits hook (distillation_use_topk)")
     passed = all(r["passed"] for r in results.values())
     return {
-        "dtype": dtype, "device": str(device), "engine_path": fwd.path, "fsdp": fsdp, "micro_batches": micro_batches,
+        "dtype": dtype, "device": str(device), "engine_path": fwd.path, "lean_engine_path": fwd_lean.path, "fsdp": fsdp, "micro_batches": micro_batches,
         "model": dict(TINY), "prompt_lens": prompt_lens, "response_lens": resp_lens, "rewards": rewards,
         "beta": 0.002, "tolerances": tol, "reference": "float32 on CPU, one sequence at a time, paper formula; "
         + ("parameters rounded to bf16 as FSDP2 computes with them" if dtype == "bf16" else "same parameters"), "packed_vs_per_sequence_max_abs_logit_diff_fp32": packing_err,
@@ -701,7 +718,22 @@ def failed_checks(res: dict) -> list[str]:
     o = res.get("overhead")
     if o is not None and not o["no_float32_tokens_x_vocab_copy"]:
         bad.append("overhead.no_float32_tokens_x_vocab_copy")
+    m = res.get("update_memory")
+    if m is not None and not m["target_met"]:
+        bad.append("update_memory.lean_peak_within_2pct_of_plain")
     return bad
+
+
+# (a) plain log-prob update, (b) logits hook, (c) lean V(s_1): one micro-batch at the 1.5B recipe's shapes on a GPU
+# (Qwen2.5-Math-1.5B: vocab 151,936, hidden 1536, tied; actor micro-batch 4 of up to 1024 + 2048 tokens; two decoder
+# layers suffice: the update's extra memory is at the output layer)
+UPDATE_MEMORY_GPU = dict(tokens=8192, n_seqs=4, vocab=151936, hidden=1536, layers=2, tie=True)
+
+
+def run_update_memory(device) -> dict:
+    from tbrm_verl import update_memory
+
+    return update_memory.measure(**UPDATE_MEMORY_GPU)
 
 
 def run_all(device="auto", dtypes=("fp32", "bf16"), overhead=True, bench_spec=None) -> dict:
@@ -718,12 +750,14 @@ def run_all(device="auto", dtypes=("fp32", "bf16"), overhead=True, bench_spec=No
         "engine_path": _engine_path(cls),
         "engine_source": inspect.getsourcefile(cls),
         "imports": {k: v for k, v in env.items() if k != "engine_class"}, "bundle": _bundle_record(),
-        "correctness": {}, "overhead": None,
+        "correctness": {}, "overhead": None, "update_memory": None,
     }
     for dt in dtypes:
         out["correctness"][dt] = run_correctness(dev, dt)
     if overhead:
         out["overhead"] = run_overhead(dev, "bf16", spec=bench_spec)
+        if dev.type == "cuda":  # on the CPU: `python -m tbrm_verl.bench memory` (verl's engine moves data to its device)
+            out["update_memory"] = run_update_memory(dev)
     out["failed_checks"] = failed_checks(out)
     out["passed"] = not out["failed_checks"]
     if dev.type != "cuda":
@@ -771,6 +805,13 @@ def _summary(res: dict) -> str:
                  f"{o['large_tensor_scan']['tbrm']['float32_count']}; half-precision full-size tensors plain "
                  f"{o['large_tensor_scan']['plain']['half_count']} / tbrm {o['large_tensor_scan']['tbrm']['half_count']}"
                  f"; {mem}")
+    m = res.get("update_memory")
+    if m:
+        gb = 2 ** 30
+        L.append(f"[{'PASS' if m['target_met'] else 'FAIL'}] one actor update, {m['tokens']} tokens x vocab {m['vocab']}"
+                 f" ({m['method'].split(':')[0]}): peak plain {m['plain_peak_bytes'] / gb:.2f} GiB, logits hook "
+                 f"{m['hook_peak_bytes'] / gb:.2f} GiB, lean V(s_1) {m['lean_peak_bytes'] / gb:.2f} GiB "
+                 f"(lean/plain {m['lean_over_plain']:.4f}, target <= 1.02)")
     L.extend(f"note: {n}" for n in res["notes"])
     L.append(f"overall: {'PASS' if res['passed'] else 'FAIL'}" + (f" (failed: {', '.join(res['failed_checks'])})"
              if res["failed_checks"] else "") + f"  ({res['wall_time_s']:.1f} s)")
@@ -790,7 +831,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto", help="auto | cuda | cuda:N | cpu")
     ap.add_argument("--out", default="docs/gpu_check.json")
     ap.add_argument("--dtypes", default="fp32,bf16", help="correctness dtypes, comma-separated (fp32, bf16)")
-    ap.add_argument("--no-overhead", action="store_true", help="skip check (c)")
+    ap.add_argument("--no-overhead", action="store_true", help="skip check (c) and the update-memory measurement")
     ap.add_argument("--bench-seqs", type=int)
     ap.add_argument("--bench-seq-len", type=int)
     ap.add_argument("--bench-vocab", type=int)

@@ -62,7 +62,7 @@ class TBRMTrainerSync(SyncTrainer):
             return
         from verl.trainer.ppo.utils import Role
 
-        from tbrm_verl.engine import TBRMActorRolloutRefWorker
+        from tbrm_verl.actor_worker import TBRMActorRolloutRefWorker
 
         # the worker that holds the actor (with the rollout, and the reference when colocated); a separate
         # reference worker (Role.RefPolicy) keeps verl's class

@@ -51,17 +51,34 @@ def test_float32_exact_agreement():
     res = gc.run_correctness("cpu", "fp32")
     assert res["passed"]
     _assert_all_pass(res)
-    assert set(res["variants"]) == {"tbrm_padded", "tbrm_nested", "tbrm_ref_free", "brm_padded"}
+    assert set(res["variants"]) == {"tbrm_lean_padded", "tbrm_lean_nested", "tbrm_lean_ref_free", "tbrm_padded",
+                                    "tbrm_nested", "tbrm_ref_free", "brm_padded"}
     assert res["packed_vs_per_sequence_max_abs_logit_diff_fp32"] < 1e-4
-    for r in res["variants"].values():
+    for name, r in res["variants"].items():
         assert r["grads"]["global_rel_err"] < 1e-4 and r["grads"]["n_tensors"] > 10 and not r["grads"]["missing"]
-        assert r["hook_logits_dtype"] == ["float32"]
+        assert r["hook_logits_dtype"] == ([] if "lean" in name else ["float32"])
     # V(s_1) sits around log(vocab) for a near-uniform random model: the hook really returned V, not 0 (log-softmax)
     assert all(5.0 < v < 9.0 for v in res["variants"]["tbrm_padded"]["v_s1"]["device"])
 
 
+HOOK = [v for v in gc.VARIANTS if v[-1] == "hook"]  # verl's logits hook: the BRM ablation's path
+LEAN = [v for v in gc.VARIANTS if v[-1] == "lean"]  # TBRMEngine, the default TBRM path
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lean_path_passes_against_the_float32_reference(dtype):
+    """The default TBRM path (V(s_1) from B hidden rows in the forward, under FSDP2 mixed precision) agrees with the
+    per-sequence float32 reference, including the gradient through V(s_1)."""
+    res = gc.run_correctness("cpu", dtype, variants=LEAN)
+    _assert_all_pass(res)
+    for r in res["variants"].values():
+        assert r["hook_logits_dtype"] == []  # the logits hook never ran
+        if r["config"]["loss_variant"] == "tbrm":
+            assert abs(r["grads"]["v_detached_discrimination"]["v_grad_coefficient"] - 1) < 0.3
+
+
 def test_bf16_within_tolerance_and_hook_sees_bf16_logits():
-    res = gc.run_correctness("cpu", "bf16", variants=gc.VARIANTS[:2])
+    res = gc.run_correctness("cpu", "bf16", variants=HOOK[:2])
     _assert_all_pass(res)
     for r in res["variants"].values():
         assert r["hook_logits_dtype"] == ["bfloat16"]  # FSDP2 mixed precision: the hook gets bf16 logits
@@ -94,7 +111,7 @@ def _log_softmax_v(cfg):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_checks_catch_the_known_pitfalls(dtype):
     """A loss with V(s_1) detached, or computed from log-softmax outputs (identically 0), must fail the check."""
-    det = gc.run_correctness("cpu", dtype, variants=gc.VARIANTS[:1], loss_factory=_detached_v)
+    det = gc.run_correctness("cpu", dtype, variants=HOOK[:1], loss_factory=_detached_v)
     r = det["variants"]["tbrm_padded"]
     assert not det["passed"] and not r["checks"]["grad_through_v_s1"]
     assert abs(r["grads"]["v_detached_discrimination"]["v_grad_coefficient"]) < 0.3
@@ -102,7 +119,7 @@ def test_checks_catch_the_known_pitfalls(dtype):
     assert f"correctness.{dtype}.tbrm_padded.grad_through_v_s1" in gc.failed_checks(
         {"correctness": {dtype: det}, "overhead": None})
     if dtype == "fp32":
-        ls = gc.run_correctness("cpu", dtype, variants=gc.VARIANTS[:1], loss_factory=_log_softmax_v)
+        ls = gc.run_correctness("cpu", dtype, variants=HOOK[:1], loss_factory=_log_softmax_v)
         assert not ls["passed"] and not ls["variants"]["tbrm_padded"]["checks"]["v_s1"]
 
 
@@ -122,11 +139,12 @@ def test_forward_is_verls_own_engine_code(monkeypatch):
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(cls, name, counted)
-    res = gc.run_correctness("cpu", "fp32", micro_batches=2, variants=gc.VARIANTS[:2])
+    res = gc.run_correctness("cpu", "fp32", micro_batches=2, variants=[LEAN[0], HOOK[0]])
     assert res["passed"]
     assert res["engine_path"] == ("verl.workers.engine.fsdp.transformer_impl.FSDPEngineWithLMHead."
                                   "prepare_model_inputs/prepare_model_outputs")
-    assert calls == {"prepare_model_inputs": 4, "prepare_model_outputs": 4}  # 2 variants x 2 micro-batches
+    # 2 variants x 2 micro-batches; TBRMEngine (the lean variant) runs verl's methods through super()
+    assert calls == {"prepare_model_inputs": 4, "prepare_model_outputs": 4}
 
 
 def test_cli_end_to_end_with_overhead_scan(tmp_path):

@@ -279,7 +279,7 @@ def test_registry_selects_tbrm_engine_only_for_the_tbrm_worker(monkeypatch):
     from verl.workers.engine import EngineRegistry
     from verl.workers.engine_workers import TrainingWorker
 
-    from tbrm_verl.engine import TBRMActorRolloutRefWorker, TBRMTrainingWorker
+    from tbrm_verl.actor_worker import TBRMActorRolloutRefWorker, TBRMTrainingWorker
 
     monkeypatch.setenv("VERL_ENGINE_DEVICE", "cuda")  # what the CPU platform sets; GPUs detect `cuda` themselves
     monkeypatch.delenv("VERL_ENGINE_VENDOR", raising=False)
@@ -308,7 +308,7 @@ def test_trainer_flags_and_actor_worker(monkeypatch, variant):
     from verl.trainer.ppo.utils import Role
     from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-    from tbrm_verl.engine import TBRMActorRolloutRefWorker
+    from tbrm_verl.actor_worker import TBRMActorRolloutRefWorker
     from tbrm_verl.trainer import TBRMTrainerSync
 
     class Batch:
