@@ -29,14 +29,11 @@ scored as a wrong answer); ``tbrm_verl.reward_guard`` turns it into one line.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
-import sys
 import threading
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any
 
 from tbrm_verl import reward as _pool
@@ -82,15 +79,7 @@ _warm_lock = threading.Lock()
 def _canonical():
     """This module under its importable name, so that pool workers can unpickle its functions (verl may load a
     reward file under a private module name)."""
-    if __name__ == "tbrm_verl.reasoning_gym_reward":
-        return sys.modules[__name__]
-    try:
-        return importlib.import_module("tbrm_verl.reasoning_gym_reward")
-    except ImportError:
-        root = str(Path(__file__).resolve().parent.parent)
-        if root not in sys.path:
-            sys.path.append(root)
-        return importlib.import_module("tbrm_verl.reasoning_gym_reward")
+    return _pool.importable_module("tbrm_verl.reasoning_gym_reward")
 
 
 def _ensure_warm() -> None:

@@ -294,21 +294,24 @@ class RewardPoolStartError(RuntimeError):
     """The Math-Verify process pool could not start: a setup problem, raised instead of scoring answers wrong."""
 
 
-def _canonical_module():
-    """The importable ``tbrm_verl.reward`` module, whose functions pool workers can unpickle.
+def importable_module(name: str = "tbrm_verl.reward"):
+    """The module ``name`` (a reward module of this package) under its importable name, whose functions pool
+    workers can unpickle.
 
     verl loads a custom reward file under a private name (``custom_module_<hash>``) that a spawned process cannot
     import; in that case the repository root is added to ``sys.path`` (spawned children inherit it).
     """
-    if __name__ == "tbrm_verl.reward":
-        return sys.modules[__name__]
+    if name in sys.modules:
+        return sys.modules[name]
     try:
-        return importlib.import_module("tbrm_verl.reward")
+        return importlib.import_module(name)
     except ImportError:
         root = str(Path(__file__).resolve().parent.parent)
         if root not in sys.path:
             sys.path.append(root)
-        return importlib.import_module("tbrm_verl.reward")
+        return importlib.import_module(name)
+
+
 
 
 def _num_workers() -> int:
@@ -363,7 +366,7 @@ def _get_pool() -> ProcessPoolExecutor:
     with _pool_lock:
         if _pool is not None and _pool_pid == os.getpid():
             return _pool
-        mod = _canonical_module()
+        mod = importable_module()
         n = _num_workers()
         pool = ProcessPoolExecutor(
             max_workers=n,
@@ -399,7 +402,7 @@ def _run_in_pool(fn_name: "str | Callable", args: tuple, timeout_s: float) -> An
     (with the stuck worker) is killed. If the pool breaks under a call for another reason (e.g. another thread's
     timeout killed it), the call is retried once on a fresh pool.
     """
-    fn: Callable = fn_name if callable(fn_name) else getattr(_canonical_module(), fn_name)
+    fn: Callable = fn_name if callable(fn_name) else getattr(importable_module(), fn_name)
     for attempt in range(2):
         pool = _get_pool()
         slots: threading.Semaphore = pool._tbrm_slots  # type: ignore[attr-defined]
