@@ -8,6 +8,8 @@ largest `max_memory_allocated` any worker reported. Ratios are against PPO n=1. 
 chart (bench.png) to --out-dir.
 
     python -m tbrm_verl.bench --steps 6 --out-dir bench_out [extra tbrm_verl.main overrides ...]
+
+`--setting work` runs the same five methods on a model where training work dominates (tbrm_verl/bench_work.py).
 """
 
 from __future__ import annotations
@@ -145,7 +147,18 @@ def model_setting(extra: list[str]) -> dict:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--setting", choices=("embedded", "work"), default="embedded")
+    setting, rest = pre.parse_known_args(argv)
+    if setting.setting == "work":  # a model where training work dominates: tbrm_verl/bench_work.py
+        from tbrm_verl.bench_work import main as work_main
+
+        sys.exit(work_main(rest))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setting", choices=("embedded", "work"), default="embedded",
+                    help="embedded: the 337k-parameter embedded model (default); work: a 39M-parameter model, "
+                    "256-token answers, per-worker memory (see --setting work --help)")
     ap.add_argument("--steps", type=int, default=6, help="training steps per method (the first is not timed)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per step (data.train_batch_size)")
