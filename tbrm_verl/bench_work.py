@@ -353,34 +353,57 @@ def role_of(title: str) -> str:
     return "idle_worker" if cls == "IDLE" else "other_actor"
 
 
+ACTOR_ROLES = ("fsdp_worker", "rollout_server", "other_actor")
+
+
 def baseline_when(title: str, name: str = "") -> bool:
-    """A Ray worker's baseline sample: the first whose title names an actor class while it runs `__init__` or
-    idles (Ray has imported the class and its modules before it sets that title). A pooled worker that has only
-    imported ray (`ray::IDLE`) is not there yet; a title naming another method is already past it (verl's workers
-    build their models in `init_model`, the rollout server in `__init__`): a process first seen so has no baseline
-    and is reported as such (`baseline_title` null)."""
-    if role_of(title) in ("runtime", "idle_worker"):
+    """Whether a sample with this title is an actor's post-import baseline: the actor runs `__init__` or idles. Ray
+    imports the actor's class and its modules (torch, transformers, verl) while the title is still `ray::IDLE` and
+    only then names the class. A title naming another method is past the baseline (verl's workers build their
+    models in `init_model`, the rollout server in `__init__`)."""
+    if role_of(title) not in ACTOR_ROLES:
         return False
     head = title[len("ray::"):].split(" ", 1)[0]
     return "." not in head or head.endswith(".__init__")
 
 
+def baseline_of(stats) -> tuple[tuple | None, str | None]:
+    """(sample (t, rss, title, name), kind) of a process's post-import baseline:
+
+    * "actor_init": its first sample with an actor title, when that title is `__init__` or the idle actor;
+    * "pre_actor": else (the sampler missed a short `__init__` and saw the first method call, e.g. init_model),
+      its last sample before that title, i.e. the end of Ray's import of the class under `ray::IDLE` (at most one
+      sampling interval early);
+    * (None, None): never an actor (driver, GCS, raylet, idle pooled workers)."""
+    is_actor = lambda title, name: role_of(title) in ACTOR_ROLES  # noqa: E731
+    first = stats.first_where(is_actor)
+    if first is None:
+        return None, None
+    if baseline_when(first[2]):
+        return first, "actor_init"
+    prev = stats.last_before(is_actor)
+    return (prev, "pre_actor") if prev is not None else (None, None)
+
+
 def worker_memory(stats) -> dict:
-    """Per-role and per-process memory from a ProcessTreeSampler's stats (bytes -> GB). A pooled Ray worker that
-    became an actor has that actor's role."""
+    """Per-role and per-process memory above the post-import baseline (baseline_of) from a ProcessTreeSampler's
+    stats, in GB. A pooled Ray worker that became an actor has that actor's role; processes without a baseline
+    (not actors) count in their role's peak RSS only."""
     procs, by_role = [], {}
     for s in stats:
         roles = {role_of(t) for t in s.titles}
         role = next((r for r in ("fsdp_worker", "rollout_server", "other_actor", "idle_worker") if r in roles),
                     "runtime")
-        gb = s.above_baseline / 1e9
-        procs.append({"pid": s.pid, "role": role, "title": s.peak_title or s.title, "baseline_title": s.baseline_title,
-                      "first_rss_gb": s.first_rss / 1e9,
-                      "baseline_rss_gb": None if s.baseline_rss is None else s.baseline_rss / 1e9,
-                      "peak_rss_gb": s.peak_rss / 1e9, "above_baseline_gb": gb, "peak_title": s.peak_title})
+        base, kind = baseline_of(s)
+        above = max(0, s.peak_rss - base[1]) / 1e9 if base is not None else None
+        procs.append({"pid": s.pid, "role": role, "baseline_kind": kind,
+                      "baseline_title": base[2] if base else None, "baseline_t": base[0] if base else None,
+                      "baseline_rss_gb": base[1] / 1e9 if base else None, "first_rss_gb": s.first_rss / 1e9,
+                      "peak_rss_gb": s.peak_rss / 1e9, "peak_title": s.peak_title, "peak_t": s.peak_t,
+                      "above_baseline_gb": above})
         agg = by_role.setdefault(role, {"processes": 0, "above_baseline_gb": 0.0, "peak_rss_gb": 0.0})
         agg["processes"] += 1
-        agg["above_baseline_gb"] += gb
+        agg["above_baseline_gb"] += above or 0.0
         agg["peak_rss_gb"] += s.peak_rss / 1e9
     return {"train_state_mem_gb": sum(by_role.get(r, {}).get("above_baseline_gb", 0.0) for r in TRAIN_STATE_ROLES),
             "train_engine_mem_gb": by_role.get("fsdp_worker", {}).get("above_baseline_gb", 0.0),
@@ -436,19 +459,18 @@ def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common
     start = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=out_dir)
-        with ProcessTreeSampler(proc.pid, interval_s=interval_s, baseline_when=baseline_when) as sampler:
+        with ProcessTreeSampler(proc.pid, interval_s=interval_s) as sampler:
             rc = proc.wait()
     wall = time.time() - start
     if rc != 0:
         raise RuntimeError(f"{name} failed (exit {rc}); see {run_dir}/stdout.log")
-    missed = [s.pid for s in sampler.stats() if s.baseline_rss is None and any(
-        role_of(t) in TRAIN_STATE_ROLES for t in s.titles)]
-    if missed:  # first seen mid-call: its figure would include the imports (see baseline_when)
-        print(f"[bench] WARNING {name}: no post-import baseline sampled for pid(s) {missed}; lower "
-              "--sample-interval", flush=True)
     summary = bench.summarise_steps(report.load_steps(run_dir))
     summary.pop("gpu_max_allocated_gb")
     mem = worker_memory(sampler.stats())
+    missed = [p["pid"] for p in mem["processes"] if p["role"] in TRAIN_STATE_ROLES and p["baseline_kind"] is None]
+    if missed:
+        print(f"[bench] WARNING {name}: no post-import baseline for pid(s) {missed}; lower --sample-interval",
+              flush=True)
     with open(os.path.join(run_dir, "processes.json"), "w") as f:
         json.dump([s.to_dict() for s in sampler.stats()], f, indent=1)
     summary.update({"peak_mem_gb": sampler.tree_peak / 1e9, "peak_mem_kind": "cpu_tree_rss",
@@ -460,32 +482,34 @@ def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common
     return summary
 
 
-def measure_cpu(threads: int | None = None, seconds: float = 2.0) -> dict:
-    """Achieved fp32 matmul rate (GFLOP/s) on a model-shaped product ([320, 512] @ [512, 1408]) and copy bandwidth
-    (GB/s, read + write) of this machine now: the cost model's CPU 'device'. Measured in the driver before the runs."""
+def measure_cpu(seconds: float = 1.0) -> dict:
+    """The cost model's CPU 'device': fp32 matmul rate on a model-shaped product ([320, 512] @ [512, 1408]) and copy
+    bandwidth (read + write, 64 MiB), each per CPU-second of one thread (process CPU time, not wall time), times the
+    machine's CPUs. On a shared machine wall-clock rates measure the other users' load at that moment; per-CPU-second
+    rates measure the cores. So the prediction is for this machine idle, and a run on a loaded machine is slower by
+    the share of the cores it did not get (bench.json records the load)."""
     import torch
 
+    def rate(fn, work: float) -> float:
+        fn()
+        n, c0 = 0, time.process_time()
+        while time.process_time() - c0 < seconds:
+            fn()
+            n += 1
+        return work * n / (time.process_time() - c0)
+
     old = torch.get_num_threads()
-    torch.set_num_threads(threads or old)
+    torch.set_num_threads(1)
     try:
         a, b = torch.randn(320, 512), torch.randn(512, 1408)
-        a @ b
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 2:
-            a @ b
-            n += 1
-        gflops = 2 * 320 * 512 * 1408 * n / (time.perf_counter() - t0) / 1e9
-        x = torch.empty(64 * 2**20 // 4)  # 64 MiB, far above the caches
+        per_core = rate(lambda: a @ b, 2 * 320 * 512 * 1408) / 1e9
+        x = torch.empty(64 * 2**20 // 4)
         y = torch.empty_like(x)
-        y.copy_(x)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 2:
-            y.copy_(x)
-            n += 1
-        bw = 2 * x.numel() * 4 * n / (time.perf_counter() - t0) / 1e9
+        bw = rate(lambda: y.copy_(x), 2 * x.numel() * 4) / 1e9
     finally:
         torch.set_num_threads(old)
-    return {"cpu_gflops": gflops, "mem_bw_gbs": bw, "threads": threads or old}
+    cpus = os.cpu_count() or 1
+    return {"cpu_gflops": per_core * cpus, "cpu_gflops_per_core": per_core, "mem_bw_gbs": bw, "cpus": cpus}
 
 
 class LoadSampler:
@@ -666,6 +690,33 @@ def cost_model_comparison(doc: dict, bench_path: str) -> tuple[dict, str]:
             "compare_with_bench": cmp, "methods": rows, "gaps": gaps}, "\n".join(lines)
 
 
+def _hardware(args) -> dict:
+    hw = measure_cpu() if args.cpu_gflops is None or args.mem_bw_gbs is None else {}
+    if args.cpu_gflops is not None:
+        hw.update(cpu_gflops=args.cpu_gflops, cpu_gflops_stated=True)
+    if args.mem_bw_gbs is not None:
+        hw.update(mem_bw_gbs=args.mem_bw_gbs, mem_bw_stated=True)
+    return hw
+
+
+def _write_comparison(doc: dict, bench_path: str) -> str:
+    cmp, text = cost_model_comparison(doc, bench_path)
+    doc["cost_model"] = cmp
+    with open(bench_path, "w") as f:
+        json.dump(doc, f, indent=2)
+    with open(os.path.join(os.path.dirname(os.path.abspath(bench_path)), "cost_model_vs_bench.txt"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def compare_only(bench_path: str, hw: dict) -> int:
+    with open(bench_path) as f:
+        doc = json.load(f)
+    doc["setting"].update(hw)
+    print(_write_comparison(doc, bench_path))
+    return 0
+
+
 def main(argv=None) -> int:
     from tbrm_verl import bench, report
 
@@ -679,7 +730,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=None, help="assets cache (default: next to the embedded assets)")
     ap.add_argument("--sample-interval", type=float, default=0.1, help="seconds between per-process RSS samples")
     ap.add_argument("--out-dir", default="bench_work_out")
+    ap.add_argument("--cpu-gflops", type=float, help="state the CPU's fp32 rate for the cost model (default: measure)")
+    ap.add_argument("--mem-bw-gbs", type=float, help="state its memory bandwidth (default: measure)")
+    ap.add_argument("--compare-only", metavar="BENCH_JSON", help="only redo the cost-model comparison of an existing "
+                    "bench.json (hardware re-measured or stated) and write it beside that file")
     args, extra = ap.parse_known_args(argv)
+    if args.compare_only:
+        return compare_only(args.compare_only, _hardware(args))
     names = args.methods.split(",")
     unknown = [m for m in names if m not in bench.METHODS]
     if unknown:
@@ -688,9 +745,9 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     size = SIZES[args.size]
     paths = ensure_work_assets(args.size, cache_dir=args.cache_dir)
-    hw = measure_cpu()
-    print(f"[bench] CPU now: {hw['cpu_gflops']:.1f} GFLOP/s fp32 matmul, {hw['mem_bw_gbs']:.1f} GB/s copy, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    hw = _hardware(args)
+    print(f"[bench] CPU: {hw['cpu_gflops']:.0f} GFLOP/s fp32 matmul ({hw.get('cpus', '?')} CPUs), "
+          f"{hw['mem_bw_gbs']:.1f} GB/s copy; load now {os.getloadavg()[0]:.2f}", flush=True)
     common = [f"data.train_batch_size={args.prompts}", *work_overrides(paths, size, args.micro_batch), *extra]
     results, load = {}, {}
     t0 = time.time()
@@ -713,17 +770,12 @@ def main(argv=None) -> int:
     bench_path = os.path.join(out_dir, "bench.json")
     with open(bench_path, "w") as f:
         json.dump(doc, f, indent=2)
-    cmp, text = cost_model_comparison(doc, bench_path)
-    doc["cost_model"] = cmp
-    with open(bench_path, "w") as f:
-        json.dump(doc, f, indent=2)
-    with open(os.path.join(out_dir, "cost_model_vs_bench.txt"), "w") as f:
-        f.write(text + "\n")
+    _write_comparison(doc, bench_path)
     plot(results, os.path.join(out_dir, "bench.png"))
     out = [table(results), ""]
     for name, t in doc["targets"].items():
         out.append(f"target {name}: {t['value']:.2f} (≤ {t['bound']}: {'met' if t['met'] else 'NOT met'})")
-    out.append(f"machine: {setting['cpu_count']} CPUs, {hw['cpu_gflops']:.1f} GFLOP/s, load (1 min) mean "
+    out.append(f"machine: {setting['cpu_count']} CPUs, {hw['cpu_gflops']:.0f} GFLOP/s, load (1 min) mean "
                f"{setting['load1_mean']:.2f} max {setting['load1_max']:.2f}; wall {setting['wall_s'] / 60:.1f} min")
     text = "\n".join(out)
     with open(os.path.join(out_dir, "bench_output.txt"), "w") as f:

@@ -1,7 +1,8 @@
 """Peak memory of a process tree (a run's driver plus everything it started: Ray's GCS, raylet, workers, servers).
 
 `PeakTreeRSS` / `run_measured`: the summed RSS of the whole tree. `ProcessTreeSampler`: the same samples kept per
-process (first sample, a baseline chosen by the process title, peak, titles seen), for per-worker accounting.
+process (first sample, peak, titles seen, an RSS series to choose a baseline from by title), for per-worker
+accounting.
 """
 
 from __future__ import annotations
@@ -63,14 +64,16 @@ def run_measured(cmd: list[str], **popen_kwargs) -> tuple[int, float, float]:
 
 # ------------------------------------------------------------------------------------------- per-process accounting
 
+SERIES_STEP = 2**20  # a process's RSS series keeps a sample when its title changes or its RSS moved >= 1 MiB
+
 
 @dataclass
 class ProcStats:
     """What a sampler saw of one process. RSS in bytes, times in seconds since the sampler started.
 
-    `baseline_*` is the first sample at which the sampler's `baseline_when(title, name)` held (for a Ray actor: its
-    title names its class, i.e. Ray has imported the class and its modules, before `__init__` has built anything
-    large); `peak_rss` is the largest sample from the baseline on (from the first sample when there is none)."""
+    `series` holds [t, rss, title index, name index] samples (into `titles` / `names`): every title or name change
+    and every RSS move of SERIES_STEP or more, so any sample left out is within SERIES_STEP of the one kept before
+    it. `peak_rss` is the largest RSS of all samples."""
 
     pid: int
     first_rss: int
@@ -78,9 +81,6 @@ class ProcStats:
     first_t: float
     title: str = ""
     name: str = ""
-    baseline_rss: int | None = None
-    baseline_title: str | None = None
-    baseline_t: float | None = None
     peak_rss: int = 0
     peak_title: str = ""
     peak_t: float = 0.0
@@ -88,17 +88,43 @@ class ProcStats:
     last_t: float = 0.0
     n_samples: int = 0
     titles: list[str] = field(default_factory=list)  # distinct titles, in the order first seen
+    names: list[str] = field(default_factory=list)
+    series: list[list] = field(default_factory=list)
 
-    @property
-    def above_baseline(self) -> int:
-        """Peak RSS above the baseline (above the first sample when no baseline was seen)."""
-        base = self.baseline_rss if self.baseline_rss is not None else self.first_rss
-        return max(0, self.peak_rss - base)
+    def add(self, t: float, rss: int, title: str, name: str) -> None:
+        self.n_samples += 1
+        if title not in self.titles:
+            self.titles.append(title)
+        if name not in self.names:
+            self.names.append(name)
+        ti, ni = self.titles.index(title), self.names.index(name)
+        last = self.series[-1] if self.series else None
+        if last is None or (last[2], last[3]) != (ti, ni) or abs(rss - last[1]) >= SERIES_STEP:
+            self.series.append([t, rss, ti, ni])
+        self.title, self.name, self.last_rss, self.last_t = title, name, rss, t
+        if rss > self.peak_rss:
+            self.peak_rss, self.peak_title, self.peak_t = rss, title, t
+
+    def samples(self):
+        """The kept samples as (t, rss, title, name)."""
+        return [(t, rss, self.titles[ti], self.names[ni]) for t, rss, ti, ni in self.series]
+
+    def first_where(self, pred):
+        """The first kept sample (t, rss, title, name) with pred(title, name); None if there is none."""
+        return next((x for x in self.samples() if pred(x[2], x[3])), None)
+
+    def last_before(self, pred):
+        """The last kept sample before the first one with pred(title, name); None if there is none before it (or
+        pred never holds)."""
+        prev = None
+        for x in self.samples():
+            if pred(x[2], x[3]):
+                return prev
+            prev = x
+        return None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["above_baseline"] = self.above_baseline
-        return d
+        return asdict(self)
 
 
 def _title_and_name(p: psutil.Process) -> tuple[str, str]:
@@ -116,14 +142,11 @@ def _title_and_name(p: psutil.Process) -> tuple[str, str]:
 
 class ProcessTreeSampler:
     """Samples every process of the tree under `pid` every `interval_s` (a background thread): per-process RSS
-    (first sample, baseline, peak, titles seen) and the summed tree RSS peak (what PeakTreeRSS measures).
+    (ProcStats: first sample, peak, titles seen, a series to pick a baseline from) and the summed tree RSS peak
+    (what PeakTreeRSS measures)."""
 
-    `baseline_when(title, name) -> bool` marks the sample that is a process's baseline (the first one for which it
-    holds). Processes that never satisfy it keep `baseline_rss=None`."""
-
-    def __init__(self, pid: int, interval_s: float = 0.2, baseline_when=None):
+    def __init__(self, pid: int, interval_s: float = 0.2):
         self.pid, self.interval_s = pid, interval_s
-        self.baseline_when = baseline_when or (lambda title, name: False)
         self.procs: dict[tuple[int, float], ProcStats] = {}  # (pid, create_time): pids can be reused
         self.tree_peak = 0
         self._t0 = time.time()
@@ -149,15 +172,7 @@ class ProcessTreeSampler:
             s = self.procs.get(key)
             if s is None:
                 s = self.procs[key] = ProcStats(pid=p.pid, first_rss=rss, first_title=title, first_t=t)
-            s.title, s.name, s.last_rss, s.last_t = title, name, rss, t
-            s.n_samples += 1
-            if title not in s.titles:
-                s.titles.append(title)
-            if s.baseline_rss is None and self.baseline_when(title, name):
-                s.baseline_rss, s.baseline_title, s.baseline_t = rss, title, t
-                s.peak_rss, s.peak_title, s.peak_t = rss, title, t  # the peak counts from the baseline on
-            elif rss > s.peak_rss:
-                s.peak_rss, s.peak_title, s.peak_t = rss, title, t
+            s.add(t, rss, title, name)
         self.tree_peak = max(self.tree_peak, total)
 
     def _run(self):

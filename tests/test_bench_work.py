@@ -134,6 +134,10 @@ def _stats_of(sampler, pid):
     return next((s for s in list(sampler.procs.values()) if s.pid == pid), None)
 
 
+def marked(title, name):
+    return name == "tbrm-base"
+
+
 def test_per_process_peak_above_baseline_is_what_each_child_allocated():
     sizes = [64 * MiB, 160 * MiB]
     children = [subprocess.Popen([sys.executable, "-c", _CHILD, str(n)], stdin=subprocess.PIPE,
@@ -141,10 +145,9 @@ def test_per_process_peak_above_baseline_is_what_each_child_allocated():
     try:
         for c in children:
             assert c.stdout.readline().strip() == "based"
-        with ProcessTreeSampler(os.getpid(), interval_s=0.05,
-                                baseline_when=lambda title, name: name == "tbrm-base") as sampler:
+        with ProcessTreeSampler(os.getpid(), interval_s=0.05) as sampler:
             for c in children:  # baselines recorded before anything is allocated
-                _wait(lambda: (s := _stats_of(sampler, c.pid)) is not None and s.baseline_rss is not None)
+                _wait(lambda: (s := _stats_of(sampler, c.pid)) is not None and s.first_where(marked) is not None)
             for c in children:
                 c.stdin.write("go\n")
                 c.stdin.flush()
@@ -164,13 +167,18 @@ def test_per_process_peak_above_baseline_is_what_each_child_allocated():
         for c in children:
             c.stdin.close()
             c.wait(timeout=30)
+    above = {}
     for s, n in zip(stats, sizes):
-        assert s.baseline_title is not None and s.name == "tbrm-base"
-        assert abs(s.above_baseline - n) < 6 * MiB, (s.above_baseline / MiB, n / MiB)
+        base = s.first_where(marked)
+        assert base[3] == "tbrm-base"
+        above[s.pid] = s.peak_rss - base[1]
+        assert abs(above[s.pid] - n) < 6 * MiB, (above[s.pid] / MiB, n / MiB)
         assert s.last_rss < s.peak_rss - n // 2  # freed: only the peak remembers the allocation
-    marked = [s for s in sampler.stats() if s.baseline_rss is not None]
-    assert {s.pid for s in marked} == {c.pid for c in children}  # pytest itself never matched the baseline rule
-    assert abs(sum(s.above_baseline for s in marked) - sum(sizes)) < 12 * MiB
+        # the series keeps every sample within SERIES_STEP: its largest RSS is the peak, to that step
+        assert s.peak_rss - max(x[1] for x in s.samples()) < 2 * MiB
+    with_marker = [s for s in sampler.stats() if s.first_where(marked) is not None]
+    assert {s.pid for s in with_marker} == {c.pid for c in children}  # pytest itself never had the marker name
+    assert abs(sum(above.values()) - sum(sizes)) < 12 * MiB
     assert sampler.tree_peak >= sum(sizes)
 
 
@@ -197,25 +205,41 @@ def test_roles_of_real_ray_titles(title, expected):
     assert (bw.role_of(title), bw.baseline_when(title)) == expected
 
 
-def _ps(pid, titles, base, peak, first=None):
-    return ProcStats(pid=pid, first_rss=first or base, first_title=titles[0], first_t=0.0, titles=list(titles),
-                     baseline_rss=base, baseline_title=titles[-1], peak_rss=peak, peak_title=titles[-1])
+def _ps(pid, samples):
+    """ProcStats fed (title, rss) samples one second apart."""
+    s = ProcStats(pid=pid, first_rss=samples[0][1], first_title=samples[0][0], first_t=0.0)
+    for i, (title, rss) in enumerate(samples):
+        s.add(float(i), int(rss), title, "python")
+    return s
+
+
+def test_baseline_is_the_actor_init_sample_or_the_last_one_before_a_missed_init():
+    GB = 10**9
+    seen_init = _ps(1, [("ray::IDLE", 0.1 * GB), ("ray::IDLE", 0.6 * GB), ("ray::a:0:WorkerDict.__init__", 0.65 * GB),
+                        ("ray::WorkerDict.actor_rollout_ref_init_model", 1.5 * GB)])
+    assert bw.baseline_of(seen_init) == ((2.0, int(0.65 * GB), "ray::a:0:WorkerDict.__init__", "python"), "actor_init")
+    missed_init = _ps(2, [("ray::IDLE", 0.1 * GB), ("ray::IDLE", 0.62 * GB),
+                          ("ray::WorkerDict.actor_rollout_ref_init_model", 1.0 * GB), ("ray::WorkerDict", 1.3 * GB)])
+    assert bw.baseline_of(missed_init) == ((1.0, int(0.62 * GB), "ray::IDLE", "python"), "pre_actor")
+    assert bw.baseline_of(_ps(3, [("ray::IDLE", 0.1 * GB)])) == (None, None)
+    assert bw.baseline_of(_ps(4, [("/venv/bin/python -m tbrm_verl.main", 0.4 * GB)])) == (None, None)
 
 
 def test_worker_memory_sums_training_state_over_fsdp_and_rollout_processes():
     GB = 10**9
     stats = [
-        _ps(1, ["ray::IDLE", "ray::X_0:0:WorkerDict.__init__", "ray::WorkerDict.update_actor"], 1 * GB, 3 * GB),
-        _ps(2, ["ray::IDLE", "ray::s:CPURolloutServer.__init__", "ray::CPURolloutServer"], 1 * GB, 1.5 * GB),
-        _ps(3, ["ray::IDLE", "ray::TBRMTaskRunner.run"], 1 * GB, 1.2 * GB),
-        _ps(4, ["ray::IDLE"], None, 0.2 * GB, first=0.1 * GB),
+        _ps(1, [("ray::IDLE", 0.1 * GB), ("ray::X_0:0:WorkerDict.__init__", 1 * GB), ("ray::WorkerDict.update_actor", 3 * GB),
+                ("ray::WorkerDict", 2.5 * GB)]),
+        _ps(2, [("ray::IDLE", 0.1 * GB), ("ray::s:CPURolloutServer.__init__", 1 * GB), ("ray::CPURolloutServer", 1.5 * GB)]),
+        _ps(3, [("ray::IDLE", 0.1 * GB), ("ray::IDLE", 0.9 * GB), ("ray::TBRMTaskRunner.run", 1.2 * GB)]),
+        _ps(4, [("ray::IDLE", 0.1 * GB), ("ray::IDLE", 0.2 * GB)]),
     ]
     m = bw.worker_memory(stats)
     assert m["train_engine_mem_gb"] == pytest.approx(2.0)
     assert m["rollout_server_mem_gb"] == pytest.approx(0.5)
     assert m["train_state_mem_gb"] == pytest.approx(2.5)
-    assert m["roles"]["other_actor"]["above_baseline_gb"] == pytest.approx(0.2)
-    assert m["roles"]["idle_worker"]["above_baseline_gb"] == pytest.approx(0.1)  # no baseline: above first sample
+    assert m["roles"]["other_actor"]["above_baseline_gb"] == pytest.approx(0.3)  # pre_actor baseline 0.9
+    assert m["roles"]["idle_worker"] == {"processes": 1, "above_baseline_gb": 0.0, "peak_rss_gb": pytest.approx(0.2)}
 
 
 # ------------------------------------------------------------------------------------------ cpu_hf ignore_eos
