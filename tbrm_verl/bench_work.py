@@ -482,34 +482,57 @@ def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common
     return summary
 
 
-def measure_cpu(seconds: float = 1.0) -> dict:
-    """The cost model's CPU 'device': fp32 matmul rate on a model-shaped product ([320, 512] @ [512, 1408]) and copy
-    bandwidth (read + write, 64 MiB), each per CPU-second of one thread (process CPU time, not wall time), times the
-    machine's CPUs. On a shared machine wall-clock rates measure the other users' load at that moment; per-CPU-second
-    rates measure the cores. So the prediction is for this machine idle, and a run on a loaded machine is slower by
-    the share of the cores it did not get (bench.json records the load)."""
-    import torch
-
-    def rate(fn, work: float) -> float:
+def _cpu_rate(fn, work: float, seconds: float) -> float:
+    """work / CPU-second of `fn` (process CPU time, not wall time), over at least `seconds` of CPU time."""
+    fn()
+    n, c0 = 0, time.process_time()
+    while time.process_time() - c0 < seconds or n < 2:
         fn()
-        n, c0 = 0, time.process_time()
-        while time.process_time() - c0 < seconds:
-            fn()
-            n += 1
-        return work * n / (time.process_time() - c0)
+        n += 1
+    return work * n / (time.process_time() - c0)
+
+
+def measure_cpu(model_path: str | None = None, seconds: float = 1.0) -> dict:
+    """The cost model's CPU 'device', measured per CPU-second of one thread (process CPU time, not wall time) and
+    scaled by the machine's CPUs: on a shared machine a wall-clock rate measures the other users' load at that
+    moment, a per-CPU-second rate measures the cores. So the prediction is for this machine idle; a run on a loaded
+    machine is slower by the share of the cores it did not get (bench.json records the load).
+
+    cpu_gflops: fp32 matmul, a model-shaped product ([320, 512] @ [512, 1408]); mem_bw_gbs: copy of 64 MiB (read +
+    write, one thread). With `model_path`: model_fwd_gflops, the model's own forward over one 320-token sequence
+    (2·P·T FLOPs per pass, i.e. the rate verl's forward-only passes could reach), and model_train_gflops, forward +
+    backward with gradient checkpointing as verl trains it (6·P·T model FLOPs per pass, the cost model's count)."""
+    import torch
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)
+    cpus = os.cpu_count() or 1
     try:
         a, b = torch.randn(320, 512), torch.randn(512, 1408)
-        per_core = rate(lambda: a @ b, 2 * 320 * 512 * 1408) / 1e9
+        out = {"cpu_gflops": _cpu_rate(lambda: a @ b, 2 * 320 * 512 * 1408, seconds) / 1e9 * cpus}
         x = torch.empty(64 * 2**20 // 4)
         y = torch.empty_like(x)
-        bw = rate(lambda: y.copy_(x), 2 * x.numel() * 4) / 1e9
+        out["mem_bw_gbs"] = _cpu_rate(lambda: y.copy_(x), 2 * x.numel() * 4, seconds) / 1e9
+        if model_path:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+            P = sum(p.numel() for p in model.parameters())
+            ids = torch.randint(0, model.config.vocab_size, (1, 320))
+            model.eval()
+            with torch.no_grad():
+                out["model_fwd_gflops"] = _cpu_rate(lambda: model(input_ids=ids), 2 * P * 320, seconds) / 1e9 * cpus
+            model.train()
+            model.gradient_checkpointing_enable()
+
+            def train_pass():
+                model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+
+            out["model_train_gflops"] = _cpu_rate(train_pass, 6 * P * 320, seconds) / 1e9 * cpus
     finally:
         torch.set_num_threads(old)
-    cpus = os.cpu_count() or 1
-    return {"cpu_gflops": per_core * cpus, "cpu_gflops_per_core": per_core, "mem_bw_gbs": bw, "cpus": cpus}
+    out["cpus"] = cpus
+    return out
 
 
 class LoadSampler:
@@ -637,10 +660,17 @@ def cost_model_comparison(doc: dict, bench_path: str) -> tuple[dict, str]:
 
     from tbrm_verl import cost_model as cm
 
+    from dataclasses import replace
+
     s = doc["setting"]
-    hw = cm.cpu_hardware(peak_tflops=s["cpu_gflops"] / 1e3, mem_bw_gbs=s["mem_bw_gbs"],
+    # the model's own measured forward rate is the achieved rate cpu_hardware asks for (the matmul rate without it);
+    # the training passes run at the measured forward+backward rate relative to it
+    peak = s.get("model_fwd_gflops") or s["cpu_gflops"]
+    hw = cm.cpu_hardware(peak_tflops=peak / 1e3, mem_bw_gbs=s["mem_bw_gbs"],
                          phase_overhead_s=PHASE_OVERHEAD_S, other_fixed_s=OTHER_FIXED_S,
                          decode_step_overhead_s=DECODE_STEP_OVERHEAD_S)
+    if s.get("model_train_gflops") and s.get("model_fwd_gflops"):
+        hw = replace(hw, mfu_train=s["model_train_gflops"] / s["model_fwd_gflops"])
     # CPU: the host is the device, so the "offloaded" reference stays resident like everything else
     off = cm.Offload(ref_param=False)
     wkw = {"micro_batch_size": s["micro_batch"], "gpu_memory_utilization": 0.0,
@@ -684,14 +714,14 @@ def cost_model_comparison(doc: dict, bench_path: str) -> tuple[dict, str]:
             gaps.append(f"{k} {name}: measured {v['measured']:.2f}, predicted {v['predicted']:.2f} "
                         f"({v['gap']:+.0%})")
     lines += ["", f"gaps over {GAP:.0%}:"] + [f"  {g}" for g in gaps]
-    return {"hardware": {"peak_gflops": s["cpu_gflops"], "mem_bw_gbs": s["mem_bw_gbs"],
+    return {"hardware": {"peak_gflops": peak, "mfu_train": hw.mfu_train, "mem_bw_gbs": s["mem_bw_gbs"],
                          "phase_overhead_s": PHASE_OVERHEAD_S, "other_fixed_s": OTHER_FIXED_S,
                          "decode_step_overhead_s": DECODE_STEP_OVERHEAD_S},
             "compare_with_bench": cmp, "methods": rows, "gaps": gaps}, "\n".join(lines)
 
 
-def _hardware(args) -> dict:
-    hw = measure_cpu() if args.cpu_gflops is None or args.mem_bw_gbs is None else {}
+def _hardware(args, model_path: str | None) -> dict:
+    hw = measure_cpu(model_path) if args.cpu_gflops is None or args.mem_bw_gbs is None else {}
     if args.cpu_gflops is not None:
         hw.update(cpu_gflops=args.cpu_gflops, cpu_gflops_stated=True)
     if args.mem_bw_gbs is not None:
@@ -736,7 +766,9 @@ def main(argv=None) -> int:
                     "bench.json (hardware re-measured or stated) and write it beside that file")
     args, extra = ap.parse_known_args(argv)
     if args.compare_only:
-        return compare_only(args.compare_only, _hardware(args))
+        with open(args.compare_only) as f:
+            model_path = json.load(f)["setting"]["model_path"]
+        return compare_only(args.compare_only, _hardware(args, model_path))
     names = args.methods.split(",")
     unknown = [m for m in names if m not in bench.METHODS]
     if unknown:
@@ -745,9 +777,11 @@ def main(argv=None) -> int:
     os.makedirs(out_dir, exist_ok=True)
     size = SIZES[args.size]
     paths = ensure_work_assets(args.size, cache_dir=args.cache_dir)
-    hw = _hardware(args)
-    print(f"[bench] CPU: {hw['cpu_gflops']:.0f} GFLOP/s fp32 matmul ({hw.get('cpus', '?')} CPUs), "
-          f"{hw['mem_bw_gbs']:.1f} GB/s copy; load now {os.getloadavg()[0]:.2f}", flush=True)
+    hw = _hardware(args, paths["model_path"])
+    print(f"[bench] CPU ({hw.get('cpus', '?')} CPUs, per CPU-second x CPUs): fp32 matmul {hw['cpu_gflops']:.0f} "
+          f"GFLOP/s, model forward {hw.get('model_fwd_gflops', float('nan')):.0f}, forward+backward "
+          f"{hw.get('model_train_gflops', float('nan')):.0f}; copy {hw['mem_bw_gbs']:.1f} GB/s; load now "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
     common = [f"data.train_batch_size={args.prompts}", *work_overrides(paths, size, args.micro_batch), *extra]
     results, load = {}, {}
     t0 = time.time()
