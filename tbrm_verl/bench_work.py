@@ -464,8 +464,11 @@ def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common
     wall = time.time() - start
     if rc != 0:
         raise RuntimeError(f"{name} failed (exit {rc}); see {run_dir}/stdout.log")
-    summary = bench.summarise_steps(report.load_steps(run_dir))
+    steps = report.load_steps(run_dir)
+    summary = bench.summarise_steps(steps)
     summary.pop("gpu_max_allocated_gb")
+    # each timed step: on a shared machine one slow step moves the mean, so the spread is worth seeing
+    summary["step_times_s"] = [m["timing_s/step"] for s, m in sorted(steps.items()) if s > 1 and "timing_s/step" in m]
     mem = worker_memory(sampler.stats())
     missed = [p["pid"] for p in mem["processes"] if p["role"] in TRAIN_STATE_ROLES and p["baseline_kind"] is None]
     if missed:
