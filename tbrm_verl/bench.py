@@ -157,7 +157,7 @@ def main(argv=None) -> None:
         sys.exit(work_main(rest))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--setting", choices=("embedded", "work"), default="embedded",
-                    help="embedded: the 337k-parameter embedded model (default); work: a 39M-parameter model, "
+                    help="embedded: the 337k-parameter embedded model (default); work: a 61.5M-parameter model, "
                     "256-token answers, per-worker memory (see --setting work --help)")
     ap.add_argument("--steps", type=int, default=6, help="training steps per method (the first is not timed)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")

@@ -6,8 +6,9 @@ embedded assets (no download), cached under the same root (``$TBRM_VERL_CACHE`` 
 
 * a byte-level BPE tokenizer trained on the spot (``tokenizers``) on generated text of a made-up language of ~50k
   words, to exactly ``vocab`` tokens (32,000 for the full size; ChatML template as the embedded one);
-* a random-init Qwen2-architecture model (full size: hidden 512, 8 layers, 8 heads of 64, 2 KV heads, MLP 1408,
-  tied embeddings, vocabulary 32,000: 39.3M parameters), float32;
+* a random-init Qwen2-architecture model (full size: hidden 512, 16 layers, 8 heads of 64, 2 KV heads, MLP 1408,
+  tied embeddings, vocabulary 32,000: 61.5M parameters, 27% of them the embedding as in Qwen2.5-0.5B; with a larger
+  share the LM head dominates the actor's passes and PPO's critic, which has no LM head, looks cheap), float32;
 * prompts of exactly ``prompt_tokens`` tokens as verl renders them ("Continue the story: ..."), answers of exactly
   ``response_tokens`` tokens: the rollout runs with ``rollout.ignore_eos=true``, so every method generates the same
   number of tokens; the reward is a synthetic rule (`compute_score`), ~half the answers score 1: the point is cost.
@@ -59,8 +60,8 @@ class WorkSize:
 
 
 SIZES: dict[str, WorkSize] = {
-    # 39.3M parameters; 2·P·(64+256) ≈ 25 GFLOP per sequence forward, ~0.8 s at 30 GFLOP/s (2 cores, fp32)
-    "full": WorkSize(vocab=32000, hidden=512, layers=8, heads=8, kv_heads=2, head_dim=64, intermediate=1408,
+    # 61.5M parameters; 2·P·(64+256) ≈ 39 GFLOP per sequence forward, ~1 s at 40 GFLOP/s (2 cores, fp32)
+    "full": WorkSize(vocab=32000, hidden=512, layers=16, heads=8, kv_heads=2, head_dim=64, intermediate=1408,
                      prompt_tokens=64, response_tokens=256, lexicon=50000, corpus_words=400000),
     "tiny": WorkSize(vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, intermediate=128,
                      prompt_tokens=32, response_tokens=32, lexicon=2000, corpus_words=20000, train_rows=64),
@@ -250,10 +251,17 @@ def _paths(cache_dir: str) -> dict[str, str]:
             "val_file": os.path.join(cache_dir, "data", "val.parquet"), "cache_dir": cache_dir}
 
 
-def _is_complete(cache_dir: str) -> bool:
+def _is_complete(cache_dir: str, size: WorkSize) -> bool:
+    """Built (DONE written last) and built for this size (a cache made before a size change is rebuilt)."""
     p = _paths(cache_dir)
-    return os.path.isfile(os.path.join(cache_dir, "DONE")) and all(
-        os.path.exists(p[k]) for k in ("model_path", "train_file", "val_file"))
+    if not (os.path.isfile(os.path.join(cache_dir, "DONE")) and all(
+            os.path.exists(p[k]) for k in ("model_path", "train_file", "val_file"))):
+        return False
+    try:
+        with open(os.path.join(cache_dir, "meta.json")) as f:
+            return json.load(f).get("size") == asdict(size)
+    except (OSError, ValueError):
+        return False
 
 
 def build_assets(out_dir: str, size: WorkSize, seed: int = SEED, verbose: bool = True) -> dict[str, Any]:
@@ -292,12 +300,12 @@ def ensure_work_assets(size_name: str = "full", cache_dir: str | None = None, fo
 
     size = SIZES[size_name]
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir(size_name)))
-    if not force and _is_complete(cache_dir):
+    if not force and _is_complete(cache_dir, size):
         return _paths(cache_dir)
     parent, name = os.path.split(cache_dir)
     os.makedirs(parent, exist_ok=True)
     with _file_lock(os.path.join(parent, f".{name}.lock")):
-        if not force and _is_complete(cache_dir):
+        if not force and _is_complete(cache_dir, size):
             return _paths(cache_dir)
         for entry in os.listdir(parent):  # whoever holds the lock is the only builder: leftovers are dead builds
             if entry.startswith(f".{name}.tmp-") or entry.startswith(f".{name}.old-"):
