@@ -9,6 +9,8 @@ chart (bench.png) to --out-dir.
 
     python -m tbrm_verl.bench --steps 6 --out-dir bench_out [extra tbrm_verl.main overrides ...]
     python -m tbrm_verl.bench memory --out-dir bench_out    # peak memory of one actor update (tbrm_verl/update_memory.py)
+
+`--setting work` runs the same five methods on a model where training work dominates (tbrm_verl/bench_work.py).
 """
 
 from __future__ import annotations
@@ -151,7 +153,17 @@ def main(argv=None) -> None:
         from tbrm_verl.update_memory import main as memory_main
 
         return memory_main(argv[1:])
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--setting", choices=("embedded", "work"), default="embedded")
+    setting, rest = pre.parse_known_args(argv)
+    if setting.setting == "work":  # a model where training work dominates: tbrm_verl/bench_work.py
+        from tbrm_verl.bench_work import main as work_main
+
+        sys.exit(work_main(rest))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--setting", choices=("embedded", "work"), default="embedded",
+                    help="embedded: the 337k-parameter embedded model (default); work: a 61.5M-parameter model, "
+                    "256-token answers, per-worker memory (see --setting work --help)")
     ap.add_argument("--steps", type=int, default=6, help="training steps per method (the first is not timed)")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     ap.add_argument("--prompts", type=int, default=16, help="prompts per step (data.train_batch_size)")

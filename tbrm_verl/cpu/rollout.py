@@ -7,6 +7,7 @@ beside verl on a CPU machine. This backend plugs into the same seams as vLLM:
   request_id, ...) -> TokenOutput` with a transformers model in float32. Concurrent requests are gathered into one
   batch (left padding, KV cache) and sampled with a per-request generator seeded from (seed, training step, prompt,
   occurrence), so a resumed run samples what an uninterrupted one would.
+  `rollout.ignore_eos=true` (or a request's `ignore_eos`) samples past EOS to max_tokens, as vLLM does.
 * `CPURolloutReplica`, the replica class verl's LLMServerManager launches (one server per actor rank).
 * `CPUServerAdapter`, the rollout object inside each FSDP actor worker: after every actor update it receives the
   full weights from verl's checkpoint engine ("naive" backend) and loads them into its server.
@@ -49,6 +50,7 @@ class _Request:
     top_k: int
     seed: int
     future: asyncio.Future = field(repr=False)
+    ignore_eos: bool = False
 
 
 def _request_seed(base_seed: int, global_steps: Optional[int], prompt_ids: list[int], occurrence: int) -> int:
@@ -146,6 +148,8 @@ class CPURolloutServer:
             top_k=int(params.get("top_k", -1) or -1),
             seed=_request_seed(self.base_seed + self.replica_rank, self.global_steps, prompt_ids, occurrence),
             future=asyncio.get_running_loop().create_future(),
+            # as verl's vLLM server: the request's flag, else rollout.ignore_eos (fixed-length responses for benches)
+            ignore_eos=bool(params.get("ignore_eos", getattr(self.config, "ignore_eos", False))),
         )
         self._pending.append(req)
         if self._worker is None or self._worker.done():
@@ -204,7 +208,7 @@ class CPURolloutServer:
                 tokens[i].append(tok)
                 logps[i].append(lp)
                 next_ids[i] = tok
-                done[i] = tok in self.eos_ids or len(tokens[i]) >= r.max_tokens
+                done[i] = (tok in self.eos_ids and not r.ignore_eos) or len(tokens[i]) >= r.max_tokens
             if all(done):
                 break
             attn = torch.cat([attn, torch.ones((bsz, 1), dtype=torch.long)], dim=1)
