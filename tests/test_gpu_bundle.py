@@ -184,7 +184,10 @@ def test_bundle_runs_the_check_offline_on_a_bare_machine(tmp_path):
     assert res["passed"] is True and res["failed_checks"] == []
     assert set(res["correctness"]) == {"fp32", "bf16"}
     for dt, c in res["correctness"].items():
-        assert set(c["variants"]) == {"tbrm_padded", "tbrm_nested", "tbrm_ref_free", "brm_padded"}
+        # the default lean V(s_1) path (TBRMEngine) and the logits-hook path, every variant the check defines
+        assert set(c["variants"]) == {v[0] for v in gpu_check.VARIANTS}
+        assert {"tbrm_lean_padded", "tbrm_lean_nested", "tbrm_lean_ref_free", "brm_padded"} <= set(c["variants"])
+        assert c["lean_engine_path"] == "tbrm_verl.engine.TBRMEngine.prepare_model_inputs/prepare_model_outputs"
         for name, v in c["variants"].items():
             assert v["checks"] and all(v["checks"].values()), (dt, name, v["checks"])
     assert res["overhead"]["no_float32_tokens_x_vocab_copy"] is True
