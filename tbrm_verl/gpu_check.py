@@ -770,11 +770,12 @@ def run_all(device="auto", dtypes=("fp32", "bf16"), overhead=True, bench_spec=No
 
 
 def _start_time() -> float:
-    """run.sh exports its start (wheel install included); otherwise this module's import, before torch's."""
+    """run.sh exports its start (wheel install included); otherwise this module's import (before torch's) in a
+    `python -m tbrm_verl.gpu_check` process, or the latest `main()` call when imported by another program."""
     try:
         return float(os.environ["TBRM_GPU_CHECK_T0"])
     except (KeyError, ValueError):
-        return _T0
+        return _T0 if __name__ == "__main__" else _MAIN_T0
 
 
 def _summary(res: dict) -> str:
@@ -818,7 +819,12 @@ def _summary(res: dict) -> str:
     return "\n".join(L)
 
 
+_MAIN_T0 = _T0
+
+
 def main(argv=None) -> int:
+    global _MAIN_T0
+    _MAIN_T0 = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bundle"]:
         from tbrm_verl import gpu_bundle

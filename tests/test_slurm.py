@@ -5,9 +5,10 @@ a munge key and socket, a slurm.conf on free ports (SLURM_CONF, never /etc/slurm
 under one temporary directory; the node offers its real CPUs and one fake GPU (gres `gpu`, File=/dev/null) so that
 `--gpus-per-node` requests work like on a GPU cluster while training runs on tbrm_verl's CPU platform.
 
-* test_sbatch_trains_and_checkpoints: `sbatch --nodes=1 --gpus-per-node=1` (GPUs from SLURM_GPUS_ON_NODE; the
-  CPU profile is chosen by tbrm_verl.main because no CUDA device is visible), 2 steps: COMPLETED, 2 steps in
-  metrics.jsonl, a checkpoint at global_step_2.
+* test_sbatch_trains_and_checkpoints: `sbatch --nodes=1 --gpus-per-node=1 slurm/tbrm.sbatch profile=cpu` (GPUs from
+  SLURM_GPUS_ON_NODE; the script states profile=gpu on a GPU allocation, and tbrm_verl.main never picks a profile
+  from the driver's hardware on a cluster, so this fake-GPU cluster states the CPU profile itself), 2 steps:
+  COMPLETED, 2 steps in metrics.jsonl, a checkpoint at global_step_2.
 * test_sbatch_requeue_resumes: `TBRM_SLURM_CPU=1 sbatch --gpus-per-node=0` (a CPU cluster), 4 steps with a
   checkpoint every 2. Once global_step_2 is saved the test sends the job's batch shell SIGUSR1 (what
   `--signal=B:USR1@...` delivers before the time limit): the script stops the trainer, stops Ray and requeues the
@@ -302,7 +303,7 @@ def _assert_no_ray_left(work: Path) -> None:
 def test_sbatch_trains_and_checkpoints(slurm):
     t0 = time.time()
     job_id, run, out, work = _submit(slurm, "basic", ["--gpus-per-node=1"],
-                                     ["trainer.total_training_steps=2"], {})
+                                     ["trainer.total_training_steps=2", "profile=cpu"], {})
     job = _wait_job(slurm, job_id, out)
     text = out.read_text(errors="replace")
     assert job["JobState"] == "COMPLETED", f"job {job_id} ended {job['JobState']} ({job.get('ExitCode')}):\n{text[-6000:]}"
