@@ -42,7 +42,7 @@ setup(
         # GPU-only pieces, as verl 0.9.1's vllm extra pins them (it also pins torch==2.11.0). Never installed on a
         # CPU machine. flash-attn==2.8.3 is installed by a separate command (see the docstring above).
         "gpu": ["verl[vllm]==0.9.1", "vllm==0.24.0"],
-        # The Table 4 tasks (python -m tbrm_verl.data reasoning_gym, tbrm_verl/reasoning_gym_reward.py). Pinned: its
+        # The Table 4 tasks (python -m tbrm_verl.data reasoning_gym, tbrm_verl/tasks/reasoning_gym/reward.py). Pinned: its
         # generators define which problems a seed gives. Pure Python; in `test` too, so that CI tests the tasks.
         "reasoning_gym": ["reasoning-gym==0.1.25"],
         "test": ["pytest>=8", "reasoning-gym==0.1.25"],

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install what tests/test_slurm.py needs for a single-host SLURM cluster: Debian's slurmctld, slurmd, the client
+# Install what tests/slurm/test_slurm.py needs for a single-host SLURM cluster: Debian's slurmctld, slurmd, the client
 # commands (sbatch, srun, scontrol, squeue, sacct...) and munge. Run as root on a clean Debian/Ubuntu machine;
 # safe to run again (does nothing when everything is installed).
 #

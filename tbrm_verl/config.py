@@ -331,7 +331,7 @@ def finish_config(cfg: DictConfig) -> DictConfig:
 
     with open_dict(cfg):
         if "embedded" in (cfg.actor_rollout_ref.model.path, cfg.data.train_files, cfg.data.val_files):
-            from tbrm_verl.embedded import ensure_embedded_assets
+            from tbrm_verl.tasks.embedded import ensure_embedded_assets
 
             assets = ensure_embedded_assets()
             if cfg.actor_rollout_ref.model.path == "embedded":
@@ -352,7 +352,7 @@ def finish_config(cfg: DictConfig) -> DictConfig:
                 OmegaConf.update(cfg, key, absolute(v), merge=False)
         if OmegaConf.select(cfg, "reward.custom_reward_function.path"):
             cfg.reward.custom_reward_function.path = absolute(cfg.reward.custom_reward_function.path)
-        from tbrm_verl.reward_guard import guard_config
+        from tbrm_verl.tasks.reward_guard import guard_config
 
         guard_config(cfg)
         from tbrm_verl.attn import apply_attn_fallback

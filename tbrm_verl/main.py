@@ -47,7 +47,7 @@ def run(cfg) -> None:
 
     from tbrm_verl import report
     from tbrm_verl.config import check_config, check_profile_locally, check_with_verl, finish_config
-    from tbrm_verl.data_check import check_data
+    from tbrm_verl.tasks.data_check import check_data
 
     if not (os.environ.get("RAY_ADDRESS") or cfg.ray_kwargs.ray_init.get("address")):
         check_profile_locally(cfg)  # a cluster's hardware is checked by the TaskRunner, once connected
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base=None)
     def _hydra_entry(cfg):
-        from tbrm_verl.reward_guard import user_facing_line
+        from tbrm_verl.tasks.reward_guard import user_facing_line
 
         try:
             run(cfg)

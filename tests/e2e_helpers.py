@@ -1,4 +1,4 @@
-"""Helpers for tests/test_e2e_cpu.py: run `python -m tbrm_verl.main` as a subprocess, own every process it starts,
+"""Helpers for tests/cpu/test_e2e_cpu.py: run `python -m tbrm_verl.main` as a subprocess, own every process it starts,
 and read what it wrote (metrics, rollout dumps, checkpoints).
 
 Process ownership. Other people's Ray clusters may run on the same machine, so "a Ray process that appeared during

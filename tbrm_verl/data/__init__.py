@@ -1,4 +1,4 @@
-"""Data preparation for TBRM (see ``tbrm_verl.data.prep`` for the formats and rules).
+"""Data preparation for TBRM (see ``tbrm_verl.tasks.math.prep`` for the formats and rules).
 
 CLI::
 
@@ -7,10 +7,10 @@ CLI::
                                    [--template qwen_math|r1]
     python -m tbrm_verl.data reasoning_gym --out-dir DIR [--train-size N] [--test-size M] [--tasks TASK ...]
 
-(``tbrm_verl.data.reasoning_gym``: the Table 4 tasks; needs the ``reasoning_gym`` extra.)
+(``tbrm_verl.tasks.reasoning_gym.data``: the Table 4 tasks; needs the ``reasoning_gym`` extra.)
 """
 
-from tbrm_verl.data.prep import (
+from tbrm_verl.tasks.math.prep import (
     DAPO_PREFIX,
     DAPO_SUFFIX,
     DEFAULT_TRAIN_SOURCE,

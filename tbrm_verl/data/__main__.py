@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tbrm_verl.data import reasoning_gym as rg
-from tbrm_verl.data.prep import (
+from tbrm_verl.tasks.reasoning_gym import data as rg
+from tbrm_verl.tasks.math.prep import (
     DEFAULT_TEMPLATE,
     DEFAULT_TRAIN_SOURCE,
     DEFAULT_TRAIN_SPLIT,
@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
             default=DEFAULT_TEMPLATE,
             help="prompt template: qwen_math (the paper's \\boxed{} system prompt, default) or r1 (DeepSeek-R1 "
             "<think>/<answer> template, Figure 1b; render it with actor_rollout_ref.model.custom_chat_template, see "
-            "tbrm_verl/data/prep.py); file names do not change, so write r1 files to their own --out-dir",
+            "tbrm_verl/tasks/math/prep.py); file names do not change, so write r1 files to their own --out-dir",
         )
 
     t = sub.add_parser("train", help="DAPO math prompts -> OUT_DIR/dapo_math_train.parquet")

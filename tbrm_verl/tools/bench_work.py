@@ -1,0 +1,836 @@
+"""`python -m tbrm_verl.bench --setting work`: the cost benchmark on a model where training work dominates a step.
+
+The embedded bench (337k parameters, 6-token answers) measures Ray and Python overhead. This setting uses a model
+and lengths at which each forward/backward pass is seconds of matrix work on 2 CPU cores, built locally like the
+embedded assets (no download), cached under the same root (``$TBRM_VERL_CACHE`` or ``~/.cache/tbrm_verl``):
+
+* a byte-level BPE tokenizer trained on the spot (``tokenizers``) on generated text of a made-up language of ~50k
+  words, to exactly ``vocab`` tokens (32,000 for the full size; ChatML template as the embedded one);
+* a random-init Qwen2-architecture model (full size: hidden 512, 16 layers, 8 heads of 64, 2 KV heads, MLP 1408,
+  tied embeddings, vocabulary 32,000: 61.5M parameters, 27% of them the embedding as in Qwen2.5-0.5B; with a larger
+  share the LM head dominates the actor's passes and PPO's critic, which has no LM head, looks cheap), float32;
+* prompts of exactly ``prompt_tokens`` tokens as verl renders them ("Continue the story: ..."), answers of exactly
+  ``response_tokens`` tokens: the rollout runs with ``rollout.ignore_eos=true``, so every method generates the same
+  number of tokens; the reward is a synthetic rule (`compute_score`), ~half the answers score 1: the point is cost.
+
+Per method it reports verl's ``timing_s/*`` parts and per-worker memory (see `worker_memory`): for each process of
+the run, its peak RSS above its own baseline, the RSS when its title first names its Ray actor class (Ray has then
+imported the class and its modules: torch, transformers, verl) and before the actor has built a model.
+``train_state_mem_gb`` is the sum of that over the FSDP worker process(es) (``ray::WorkerDict``: actor, critic and
+reference, colocated) and the rollout server(s) (``ray::CPURolloutServer``). docs/bench/README.md defines it.
+
+Sizes: ``full`` (the benchmark) and ``tiny`` (tests and the smoke run: vocabulary 512, hidden 64, 2 layers,
+32 + 32 tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+RECIPE_VERSION = "v1"
+DATA_SOURCE = "bench_work"
+SEED = 0
+PROMPT_PREFIX = "Continue the story: "
+
+
+@dataclass(frozen=True)
+class WorkSize:
+    vocab: int  # tokenizer size = model vocabulary (a multiple of 64)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    prompt_tokens: int  # every prompt is exactly this long as verl renders it (chat template, generation prompt)
+    response_tokens: int  # every answer (ignore_eos): data.max_response_length
+    lexicon: int  # distinct words of the generated language
+    corpus_words: int  # words of generated text the tokenizer is trained on
+    train_rows: int = 256
+    val_rows: int = 8
+
+
+SIZES: dict[str, WorkSize] = {
+    # 61.5M parameters; 2·P·(64+256) ≈ 39 GFLOP per sequence forward, ~1 s at 40 GFLOP/s (2 cores, fp32)
+    "full": WorkSize(vocab=32000, hidden=512, layers=16, heads=8, kv_heads=2, head_dim=64, intermediate=1408,
+                     prompt_tokens=64, response_tokens=256, lexicon=50000, corpus_words=400000),
+    "tiny": WorkSize(vocab=512, hidden=64, layers=2, heads=2, kv_heads=1, head_dim=32, intermediate=128,
+                     prompt_tokens=32, response_tokens=32, lexicon=2000, corpus_words=20000, train_rows=64),
+}
+
+
+def _log(verbose: bool, msg: str) -> None:
+    if verbose:
+        print(f"[tbrm_verl.tools.bench_work] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------- generated language
+
+_ONSETS = ["", "b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "tr"]
+_VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+_CODAS = ["", "", "", "n", "r", "s", "l", "k"]
+
+
+def make_lexicon(n: int, seed: int = SEED) -> list[str]:
+    """`n` distinct made-up words of 1-4 syllables; their order is their frequency rank (Zipf, see make_text)."""
+    rng = random.Random(seed)
+    words, seen = [], set()
+    while len(words) < n:
+        w = "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(rng.randint(1, 4)))
+        if w not in seen:
+            seen.add(w)
+            words.append(w)
+    return words
+
+
+def make_text(lexicon: list[str], n_words: int, rng: random.Random) -> str:
+    """Sentences of 4-14 Zipf-distributed words (rank r drawn with weight 1/r), capitalised, with commas and
+    numbers now and then."""
+    weights = [1.0 / (r + 1) for r in range(len(lexicon))]
+    picks = rng.choices(lexicon, weights=weights, k=n_words)
+    out, i = [], 0
+    while i < len(picks):
+        k = rng.randint(4, 14)
+        sent = picks[i : i + k]
+        i += k
+        if rng.random() < 0.2:
+            sent.insert(rng.randrange(len(sent) + 1), str(rng.randint(0, 999)))
+        if len(sent) > 3 and rng.random() < 0.3:
+            sent[rng.randrange(1, len(sent) - 1)] += ","
+        sent[0] = sent[0].capitalize()
+        out.append(" ".join(sent) + ".")
+    return " ".join(out)
+
+
+def corpus(size: WorkSize, seed: int = SEED) -> list[str]:
+    """The tokenizer's training text: lines of ~100 words, plus the chat roles and the prompt prefix."""
+    lex = make_lexicon(size.lexicon, seed)
+    rng = random.Random(seed + 1)
+    lines = [make_text(lex, 100, rng) for _ in range(max(1, size.corpus_words // 100))]
+    return lines + ["user\n" + PROMPT_PREFIX, "assistant\n", "system\nYou are a helpful assistant."]
+
+
+# ------------------------------------------------------------------------------------------------------ tokenizer
+
+
+def build_tokenizer(texts: list[str], vocab_size: int, save_dir: str):
+    """Byte-level BPE with Qwen2's pre-tokenizer split, trained on `texts` to `vocab_size` tokens (3 specials
+    included), ChatML template; saved to `save_dir` and returned reloaded with AutoTokenizer (as verl loads it)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from tbrm_verl.tasks.embedded import _QWEN2_SPLIT, CHAT_TEMPLATE, ENDOFTEXT, IM_END, IM_START, SPECIAL_TOKENS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=None, eos_token=IM_END, pad_token=ENDOFTEXT, unk_token=None,
+        additional_special_tokens=[IM_START, IM_END], model_max_length=4096, padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    os.makedirs(save_dir, exist_ok=True)
+    fast.save_pretrained(save_dir)
+    return AutoTokenizer.from_pretrained(save_dir)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a user prompt exactly as verl renders it (apply_chat_template, add_generation_prompt=True)."""
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=False)
+    if hasattr(out, "keys"):
+        out = out["input_ids"]
+    if len(out) and isinstance(out[0], list):
+        out = out[0]
+    return list(out)
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+
+def build_model(tokenizer, size: WorkSize, seed: int = SEED):
+    """Random-init Qwen2ForCausalLM (float32, tied embeddings) of `size`; the global torch RNG is left untouched."""
+    import torch
+    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from tbrm_verl.tasks.embedded import ENDOFTEXT, IM_END
+
+    if len(tokenizer) != size.vocab:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary is {size.vocab}")
+    eos_id, pad_id = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)
+    config = Qwen2Config(
+        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+        head_dim=size.head_dim, max_position_embeddings=size.prompt_tokens + size.response_tokens,
+        tie_word_embeddings=True, bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
+    )
+    config.dtype = torch.float32
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+    model.to(torch.float32)
+    model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- task and reward
+
+LETTERS = "aeiou"
+
+
+def compute_score(data_source=None, solution_str=None, ground_truth=None, extra_info=None, convention="zero_one",
+                  **_):
+    """Synthetic reward: 1 when the answer contains the ground-truth letter an even number of times, else 0 (-1
+    under the plus_minus_one convention). About half of random answers score 1; it exists so that every method has
+    a non-degenerate reward, not to be learned."""
+    hit = str(solution_str or "").count(str(ground_truth)) % 2 == 0
+    return 1.0 if hit else (-1.0 if convention == "plus_minus_one" else 0.0)
+
+
+def make_prompt(tokenizer, lexicon: list[str], n_tokens: int, rng: random.Random) -> str:
+    """A prompt text whose rendering is exactly `n_tokens` tokens: words are added while they fit, then the gap is
+    filled with single digits (one token each under Qwen2's split; a space before a digit is its own token)."""
+    words = make_text(lexicon, 4 * n_tokens, rng).split(" ")
+    text = PROMPT_PREFIX.rstrip()
+    for w in words:
+        if len(prompt_ids(tokenizer, text + " " + w)) > n_tokens:
+            break
+        text += " " + w
+    while len(prompt_ids(tokenizer, text)) < n_tokens:
+        text += str(rng.randint(0, 9))
+    if len(prompt_ids(tokenizer, text)) != n_tokens:
+        raise ValueError(f"could not make a prompt of exactly {n_tokens} tokens (got "
+                         f"{len(prompt_ids(tokenizer, text))}); raise prompt_tokens")
+    return text
+
+
+def make_rows(tokenizer, size: WorkSize, split: str, n: int, seed: int = SEED) -> list[dict[str, Any]]:
+    lex = make_lexicon(size.lexicon, seed)
+    rng = random.Random(f"{seed}-{split}")
+    rows = []
+    for i in range(n):
+        letter = LETTERS[i % len(LETTERS)]
+        rows.append({
+            "data_source": DATA_SOURCE,
+            "prompt": [{"role": "user", "content": make_prompt(tokenizer, lex, size.prompt_tokens, rng)}],
+            "ability": "synthetic",
+            "reward_model": {"style": "rule", "ground_truth": letter},
+            "extra_info": {"index": i, "split": split},
+        })
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- build + cache
+
+
+def default_cache_dir(size_name: str = "full") -> str:
+    from tbrm_verl.tasks.embedded import default_cache_dir as embedded_dir
+
+    return os.path.join(os.path.dirname(embedded_dir()), f"bench-work-{RECIPE_VERSION}-{size_name}")
+
+
+def _paths(cache_dir: str) -> dict[str, str]:
+    return {"model_path": os.path.join(cache_dir, "model"),
+            "train_file": os.path.join(cache_dir, "data", "train.parquet"),
+            "val_file": os.path.join(cache_dir, "data", "val.parquet"), "cache_dir": cache_dir}
+
+
+def _is_complete(cache_dir: str, size: WorkSize) -> bool:
+    """Built (DONE written last) and built for this size (a cache made before a size change is rebuilt)."""
+    p = _paths(cache_dir)
+    if not (os.path.isfile(os.path.join(cache_dir, "DONE")) and all(
+            os.path.exists(p[k]) for k in ("model_path", "train_file", "val_file"))):
+        return False
+    try:
+        with open(os.path.join(cache_dir, "meta.json")) as f:
+            return json.load(f).get("size") == asdict(size)
+    except (OSError, ValueError):
+        return False
+
+
+def build_assets(out_dir: str, size: WorkSize, seed: int = SEED, verbose: bool = True) -> dict[str, Any]:
+    """Build tokenizer, model and parquet files into `out_dir`; returns (and writes) meta.json."""
+    import pandas as pd
+    import torch
+
+    t0 = time.time()
+    p = _paths(out_dir)
+    _log(verbose, f"training a {size.vocab}-token BPE on {size.corpus_words} words of generated text…")
+    tokenizer = build_tokenizer(corpus(size, seed), size.vocab, p["model_path"])
+    if len(tokenizer) != size.vocab:
+        raise RuntimeError(f"the BPE reached {len(tokenizer)} tokens, not {size.vocab}: generate more text "
+                           "(corpus_words, lexicon)")
+    _log(verbose, "writing prompts…")
+    os.makedirs(os.path.dirname(p["train_file"]), exist_ok=True)
+    for split, n, key in (("train", size.train_rows, "train_file"), ("val", size.val_rows, "val_file")):
+        pd.DataFrame(make_rows(tokenizer, size, split, n, seed)).to_parquet(p[key], index=False)
+    model = build_model(tokenizer, size, seed)
+    n_params = sum(x.numel() for x in model.parameters())
+    _log(verbose, f"model: Qwen2, {n_params / 1e6:.1f}M parameters (random init)")
+    model.save_pretrained(p["model_path"], safe_serialization=True)
+    meta = {"recipe": f"bench-work-{RECIPE_VERSION}", "seed": seed, "size": asdict(size),
+            "tokenizer_size": len(tokenizer), "n_params": n_params, "build_seconds": round(time.time() - t0, 2),
+            "torch": torch.__version__}
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    return meta
+
+
+def ensure_work_assets(size_name: str = "full", cache_dir: str | None = None, force: bool = False,
+                       verbose: bool = True, seed: int = SEED) -> dict[str, str]:
+    """Paths of the work setting's assets, built once under a lock and renamed into place with a DONE marker (as
+    tbrm_verl.tasks.embedded does): {"model_path", "train_file", "val_file", "cache_dir"}."""
+    from tbrm_verl.tasks.embedded import _file_lock
+
+    size = SIZES[size_name]
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir(size_name)))
+    if not force and _is_complete(cache_dir, size):
+        return _paths(cache_dir)
+    parent, name = os.path.split(cache_dir)
+    os.makedirs(parent, exist_ok=True)
+    with _file_lock(os.path.join(parent, f".{name}.lock")):
+        if not force and _is_complete(cache_dir, size):
+            return _paths(cache_dir)
+        for entry in os.listdir(parent):  # whoever holds the lock is the only builder: leftovers are dead builds
+            if entry.startswith(f".{name}.tmp-") or entry.startswith(f".{name}.old-"):
+                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        _log(verbose, f"building the work-setting assets ({size_name}) in {cache_dir}")
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        try:
+            os.chmod(tmp, 0o755)
+            meta = build_assets(tmp, size, seed, verbose)
+            with open(os.path.join(tmp, "DONE"), "w") as f:
+                f.write(json.dumps({"recipe": meta["recipe"], "built_at": time.time()}) + "\n")
+            old = None
+            if os.path.lexists(cache_dir):
+                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
+                os.rename(cache_dir, os.path.join(old, "x"))
+            os.rename(tmp, cache_dir)
+            if old:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _log(verbose, f"done in {meta['build_seconds']:.1f} s")
+    return _paths(cache_dir)
+
+
+# --------------------------------------------------------------------------------------------- per-worker memory
+
+FSDP_WORKER = "ray::WorkerDict"  # verl's colocated worker class: actor, rollout adapter, reference, critic
+ROLLOUT_SERVER = "ray::CPURolloutServer"  # tbrm_verl.cpu.rollout's server (the vLLM stand-in)
+TRAIN_STATE_ROLES = ("fsdp_worker", "rollout_server")
+
+
+def _ray_class(title: str) -> str | None:
+    """The actor class a Ray worker's title names; None for a process that is not a Ray worker. Ray's titles (Ray
+    2.60, checked in a run): `ray::IDLE`, `ray::BJLK64WorkerDict_0:0:WorkerDict.__init__` (a named actor's
+    constructor: name, then class), `ray::WorkerDict`, `ray::WorkerDict.actor_rollout_ref_init_model` (a call)."""
+    if not title.startswith("ray::"):
+        return None
+    head = title[len("ray::"):].split(" ", 1)[0]
+    return head.split(".", 1)[0].rsplit(":", 1)[-1]
+
+
+def role_of(title: str) -> str:
+    """fsdp_worker, rollout_server, other_actor (TaskRunner, TransferQueue, agent loop, reward, ...), idle_worker
+    (a pooled Ray worker that never became an actor) or runtime (driver, GCS, raylet, dashboard, ...)."""
+    cls = _ray_class(title)
+    if cls is None:
+        return "runtime"
+    if cls == FSDP_WORKER[len("ray::"):]:
+        return "fsdp_worker"
+    if cls == ROLLOUT_SERVER[len("ray::"):]:
+        return "rollout_server"
+    return "idle_worker" if cls == "IDLE" else "other_actor"
+
+
+ACTOR_ROLES = ("fsdp_worker", "rollout_server", "other_actor")
+
+
+def baseline_when(title: str, name: str = "") -> bool:
+    """Whether a sample with this title is an actor's post-import baseline: the actor runs `__init__` or idles. Ray
+    imports the actor's class and its modules (torch, transformers, verl) while the title is still `ray::IDLE` and
+    only then names the class. A title naming another method is past the baseline (verl's workers build their
+    models in `init_model`, the rollout server in `__init__`)."""
+    if role_of(title) not in ACTOR_ROLES:
+        return False
+    head = title[len("ray::"):].split(" ", 1)[0]
+    return "." not in head or head.endswith(".__init__")
+
+
+def baseline_of(stats) -> tuple[tuple | None, str | None]:
+    """(sample (t, rss, title, name), kind) of a process's post-import baseline:
+
+    * "actor_init": its first sample with an actor title, when that title is `__init__` or the idle actor;
+    * "pre_actor": else (the sampler missed a short `__init__` and saw the first method call, e.g. init_model),
+      its last sample before that title, i.e. the end of Ray's import of the class under `ray::IDLE` (at most one
+      sampling interval early);
+    * (None, None): never an actor (driver, GCS, raylet, idle pooled workers)."""
+    is_actor = lambda title, name: role_of(title) in ACTOR_ROLES  # noqa: E731
+    first = stats.first_where(is_actor)
+    if first is None:
+        return None, None
+    if baseline_when(first[2]):
+        return first, "actor_init"
+    prev = stats.last_before(is_actor)
+    return (prev, "pre_actor") if prev is not None else (None, None)
+
+
+def worker_memory(stats) -> dict:
+    """Per-role and per-process memory above the post-import baseline (baseline_of) from a ProcessTreeSampler's
+    stats, in GB. A pooled Ray worker that became an actor has that actor's role; processes without a baseline
+    (not actors) count in their role's peak RSS only."""
+    procs, by_role = [], {}
+    for s in stats:
+        roles = {role_of(t) for t in s.titles}
+        role = next((r for r in ("fsdp_worker", "rollout_server", "other_actor", "idle_worker") if r in roles),
+                    "runtime")
+        base, kind = baseline_of(s)
+        above = max(0, s.peak_rss - base[1]) / 1e9 if base is not None else None
+        procs.append({"pid": s.pid, "role": role, "baseline_kind": kind,
+                      "baseline_title": base[2] if base else None, "baseline_t": base[0] if base else None,
+                      "baseline_rss_gb": base[1] / 1e9 if base else None, "first_rss_gb": s.first_rss / 1e9,
+                      "peak_rss_gb": s.peak_rss / 1e9, "peak_title": s.peak_title, "peak_t": s.peak_t,
+                      "above_baseline_gb": above})
+        agg = by_role.setdefault(role, {"processes": 0, "above_baseline_gb": 0.0, "peak_rss_gb": 0.0})
+        agg["processes"] += 1
+        agg["above_baseline_gb"] += above or 0.0
+        agg["peak_rss_gb"] += s.peak_rss / 1e9
+    return {"train_state_mem_gb": sum(by_role.get(r, {}).get("above_baseline_gb", 0.0) for r in TRAIN_STATE_ROLES),
+            "train_engine_mem_gb": by_role.get("fsdp_worker", {}).get("above_baseline_gb", 0.0),
+            "rollout_server_mem_gb": by_role.get("rollout_server", {}).get("above_baseline_gb", 0.0),
+            "roles": by_role, "processes": procs}
+
+
+# ---------------------------------------------------------------------------------------------------- the bench
+
+# from the project's cost issue, for this setting: step time vs PPO n=1 and GRPO n=4, training-state memory vs PPO
+TARGETS = {
+    "tbrm_n1 step time / ppo_n1": ("tbrm_n1", "ppo_n1", "step_time_s", 0.70),
+    "tbrm_n1 step time / grpo_n4": ("tbrm_n1", "grpo_n4", "step_time_s", 0.35),
+    "tbrm_n1 training-state memory / ppo_n1": ("tbrm_n1", "ppo_n1", "train_state_mem_gb", 0.65),
+}
+
+
+def work_overrides(paths: dict, size: WorkSize, micro_batch: int = 1) -> list[str]:
+    """tbrm_verl.main overrides of the work setting (on top of the embedded task's per-method tuning, which only sets
+    learning rates, β and n): its model and data, fixed lengths, one micro-batch size for every pass."""
+    return [
+        f"actor_rollout_ref.model.path={paths['model_path']}",
+        f"data.train_files={paths['train_file']}",
+        f"data.val_files={paths['val_file']}",
+        f"data.max_prompt_length={size.prompt_tokens}",
+        f"data.max_response_length={size.response_tokens}",
+        "actor_rollout_ref.rollout.ignore_eos=true",  # every answer is max_response_length tokens
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro_batch}",
+        f"actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu={micro_batch}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={micro_batch}",
+        f"critic.ppo_micro_batch_size_per_gpu={micro_batch}",
+        f"critic.forward_micro_batch_size_per_gpu={micro_batch}",
+        "reward.custom_reward_function.path=pkg://tbrm_verl.tools.bench_work",
+        "reward.custom_reward_function.name=compute_score",
+        "tbrm.task=bench_work",
+    ]
+
+
+def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common: list[str],
+               interval_s: float = 0.1) -> dict:
+    """One method as a real `python -m tbrm_verl.main` run, every process of it sampled (ProcessTreeSampler)."""
+    import subprocess
+
+    from tbrm_verl import report
+    from tbrm_verl.tools import bench
+    from tbrm_verl.tools.procmem import ProcessTreeSampler
+
+    run_dir = os.path.join(out_dir, name)
+    args = [sys.executable, "-m", "tbrm_verl.main", *overrides, f"trainer.total_training_steps={steps}",
+            "trainer.save_freq=-1", "trainer.test_freq=-1", "trainer.val_before_train=false",
+            "trainer.resume_mode=disable", f"tbrm.run_dir={run_dir}", *common]
+    os.makedirs(run_dir, exist_ok=True)
+    print(f"[bench] {name}: {' '.join(args[3:])}", flush=True)
+    start = time.time()
+    with open(os.path.join(run_dir, "stdout.log"), "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=out_dir)
+        with ProcessTreeSampler(proc.pid, interval_s=interval_s) as sampler:
+            rc = proc.wait()
+    wall = time.time() - start
+    if rc != 0:
+        raise RuntimeError(f"{name} failed (exit {rc}); see {run_dir}/stdout.log")
+    steps = report.load_steps(run_dir)
+    summary = bench.summarise_steps(steps)
+    summary.pop("gpu_max_allocated_gb")
+    # each timed step: on a shared machine one slow step moves the mean, so the spread is worth seeing
+    summary["step_times_s"] = [m["timing_s/step"] for s, m in sorted(steps.items()) if s > 1 and "timing_s/step" in m]
+    mem = worker_memory(sampler.stats())
+    missed = [p["pid"] for p in mem["processes"] if p["role"] in TRAIN_STATE_ROLES and p["baseline_kind"] is None]
+    if missed:
+        print(f"[bench] WARNING {name}: no post-import baseline for pid(s) {missed}; lower --sample-interval",
+              flush=True)
+    with open(os.path.join(run_dir, "processes.json"), "w") as f:
+        json.dump([s.to_dict() for s in sampler.stats()], f, indent=1)
+    summary.update({"peak_mem_gb": sampler.tree_peak / 1e9, "peak_mem_kind": "cpu_tree_rss",
+                    "train_state_mem_gb": mem["train_state_mem_gb"], "train_engine_mem_gb": mem["train_engine_mem_gb"],
+                    "rollout_server_mem_gb": mem["rollout_server_mem_gb"], "workers": mem["roles"],
+                    "processes": [p for p in mem["processes"] if p["role"] in TRAIN_STATE_ROLES], "wall_s": wall})
+    print(f"[bench] {name}: {summary['step_time_s']:.2f} s/step, training state {summary['train_state_mem_gb']:.2f} "
+          f"GB, tree peak {summary['peak_mem_gb']:.2f} GB, wall {wall:.0f} s", flush=True)
+    return summary
+
+
+def _cpu_rate(fn, work: float, seconds: float) -> float:
+    """work / CPU-second of `fn` (process CPU time, not wall time), over at least `seconds` of CPU time."""
+    fn()
+    n, c0 = 0, time.process_time()
+    while time.process_time() - c0 < seconds or n < 2:
+        fn()
+        n += 1
+    return work * n / (time.process_time() - c0)
+
+
+def measure_cpu(model_path: str | None = None, seconds: float = 1.0) -> dict:
+    """The cost model's CPU 'device', measured per CPU-second of one thread (process CPU time, not wall time) and
+    scaled by the machine's CPUs: on a shared machine a wall-clock rate measures the other users' load at that
+    moment, a per-CPU-second rate measures the cores. So the prediction is for this machine idle; a run on a loaded
+    machine is slower by the share of the cores it did not get (bench.json records the load).
+
+    cpu_gflops: fp32 matmul, a model-shaped product ([320, 512] @ [512, 1408]); mem_bw_gbs: copy of 64 MiB (read +
+    write, one thread). With `model_path`: model_fwd_gflops, the model's own forward over one 320-token sequence
+    (2·P·T FLOPs per pass, i.e. the rate verl's forward-only passes could reach), and model_train_gflops, forward +
+    backward with gradient checkpointing as verl trains it (6·P·T model FLOPs per pass, the cost model's count)."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cpus = os.cpu_count() or 1
+    try:
+        a, b = torch.randn(320, 512), torch.randn(512, 1408)
+        out = {"cpu_gflops": _cpu_rate(lambda: a @ b, 2 * 320 * 512 * 1408, seconds) / 1e9 * cpus}
+        x = torch.empty(64 * 2**20 // 4)
+        y = torch.empty_like(x)
+        out["mem_bw_gbs"] = _cpu_rate(lambda: y.copy_(x), 2 * x.numel() * 4, seconds) / 1e9
+        if model_path:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+            P = sum(p.numel() for p in model.parameters())
+            ids = torch.randint(0, model.config.vocab_size, (1, 320))
+            model.eval()
+            with torch.no_grad():
+                out["model_fwd_gflops"] = _cpu_rate(lambda: model(input_ids=ids), 2 * P * 320, seconds) / 1e9 * cpus
+            model.train()
+            model.gradient_checkpointing_enable()
+
+            def train_pass():
+                model(input_ids=ids).logits.float().logsumexp(-1).mean().backward()
+
+            out["model_train_gflops"] = _cpu_rate(train_pass, 6 * P * 320, seconds) / 1e9 * cpus
+    finally:
+        torch.set_num_threads(old)
+    out["cpus"] = cpus
+    return out
+
+
+class LoadSampler:
+    """os.getloadavg()[0] every `interval_s` (the machine may be shared: the bench reports its load)."""
+
+    def __init__(self, interval_s: float = 15.0):
+        import threading
+
+        self.samples: list[float] = []
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"load1_mean": sum(s) / len(s), "load1_max": max(s), "n_samples": len(s)}
+
+
+def check_targets(results: dict) -> dict:
+    out = {}
+    for name, (num, den, metric, bound) in TARGETS.items():
+        if num in results and den in results and results[den].get(metric):
+            value = results[num][metric] / results[den][metric]
+            out[name] = {"value": value, "bound": bound, "met": value <= bound}
+    return out
+
+
+def ratios(results: dict, base: str = "ppo_n1") -> dict:
+    if base not in results:
+        return {}
+    b = results[base]
+    return {m: {"step_time": r["step_time_s"] / b["step_time_s"], "peak_mem": r["peak_mem_gb"] / b["peak_mem_gb"],
+                "train_state_mem": r["train_state_mem_gb"] / b["train_state_mem_gb"]} for m, r in results.items()}
+
+
+def table(results: dict) -> str:
+    from tbrm_verl.tools.bench import PARTS
+
+    rat = ratios(results)
+    cols = (*PARTS, "other")
+    head = (f"{'method':17s} {'step s':>7s} " + " ".join(f"{p[:12]:>12s}" for p in cols)
+            + f" {'train GB':>8s} {'engine':>7s} {'rollout':>7s} {'tree GB':>7s} {'time/PPO':>8s} {'mem/PPO':>7s}")
+    lines = [head, "-" * len(head)]
+    for m, r in results.items():
+        rr = rat.get(m, {})
+        lines.append(f"{m:17s} {r['step_time_s']:7.2f} " + " ".join(f"{r['parts'][p]:12.2f}" for p in cols)
+                     + f" {r['train_state_mem_gb']:8.2f} {r['train_engine_mem_gb']:7.2f} "
+                     f"{r['rollout_server_mem_gb']:7.2f} {r['peak_mem_gb']:7.2f} "
+                     f"{rr.get('step_time', float('nan')):8.2f} {rr.get('train_state_mem', float('nan')):7.2f}")
+    return "\n".join(lines)
+
+
+def markdown_table(results: dict) -> str:
+    from tbrm_verl.tools.bench import PARTS
+
+    rat = ratios(results)
+    cols = (*PARTS, "other")
+    lines = ["| method | step s | " + " | ".join(cols) + " | train-state GB | FSDP worker | rollout server | tree peak "
+             "GB | time/PPO | train-state/PPO |", "|---" * (len(cols) + 8) + "|"]
+    for m, r in results.items():
+        rr = rat.get(m, {})
+        lines.append(f"| {m} | {r['step_time_s']:.1f} | " + " | ".join(f"{r['parts'][p]:.1f}" for p in cols)
+                     + f" | {r['train_state_mem_gb']:.2f} | {r['train_engine_mem_gb']:.2f} | "
+                     f"{r['rollout_server_mem_gb']:.2f} | {r['peak_mem_gb']:.1f} | "
+                     f"{rr.get('step_time', float('nan')):.2f} | {rr.get('train_state_mem', float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tbrm_verl.tools.bench import PARTS
+
+    names = list(results)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    bottom = [0.0] * len(names)
+    for p in (*PARTS, "other"):
+        vals = [results[m]["parts"][p] for m in names]
+        ax1.bar(names, vals, bottom=bottom, label=p)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax1.set_ylabel("seconds per step")
+    ax1.legend(fontsize=7)
+    ax1.tick_params(axis="x", rotation=30)
+    eng = [results[m]["train_engine_mem_gb"] for m in names]
+    ax2.bar(names, eng, label="FSDP worker (actor, critic, reference)", color="tab:blue")
+    ax2.bar(names, [results[m]["rollout_server_mem_gb"] for m in names], bottom=eng, label="rollout server",
+            color="tab:orange")
+    ax2.set_ylabel("training-state memory (GB above post-import RSS)")
+    ax2.legend(fontsize=7)
+    ax2.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# constants of the CPU 'device' the cost model is given (stated, not fitted): per-call overhead of a worker-group
+# phase and per-step fixed cost, as measured on the embedded bench (docs/bench/README.md), and the CPU rollout's
+# per-decode-step overhead (Python, per-request sampling)
+PHASE_OVERHEAD_S = 0.1
+OTHER_FIXED_S = 0.1
+DECODE_STEP_OVERHEAD_S = 0.01
+GAP = 0.20  # relative gaps above this are flagged (and explained in docs/bench/README.md)
+
+
+def cost_model_comparison(doc: dict, bench_path: str) -> tuple[dict, str]:
+    """The cost model's prediction for this setting (tbrm_verl.tools.cost_model.compare_with_bench on bench.json, plus the
+    training-state memory, which compare_with_bench does not read) beside the measurement; gaps > GAP flagged."""
+    import io
+
+    from tbrm_verl.tools import cost_model as cm
+
+    from dataclasses import replace
+
+    s = doc["setting"]
+    # the model's own measured forward rate is the achieved rate cpu_hardware asks for (the matmul rate without it);
+    # the training passes run at the measured forward+backward rate relative to it
+    peak = s.get("model_fwd_gflops") or s["cpu_gflops"]
+    hw = cm.cpu_hardware(peak_tflops=peak / 1e3, mem_bw_gbs=s["mem_bw_gbs"],
+                         phase_overhead_s=PHASE_OVERHEAD_S, other_fixed_s=OTHER_FIXED_S,
+                         decode_step_overhead_s=DECODE_STEP_OVERHEAD_S)
+    if s.get("model_train_gflops") and s.get("model_fwd_gflops"):
+        hw = replace(hw, mfu_train=s["model_train_gflops"] / s["model_fwd_gflops"])
+    # CPU: the host is the device, so the "offloaded" reference stays resident like everything else
+    off = cm.Offload(ref_param=False)
+    wkw = {"micro_batch_size": s["micro_batch"], "gpu_memory_utilization": 0.0,
+           "ppo_mini_batch_size": s["prompts_per_step"]}
+    buf = io.StringIO()
+    cmp = cm.compare_with_bench(bench_path, hw=hw, offload=off, file=buf, **wkw)
+    model = cm.ModelSpec("bench-work", params=float(s["params"]), layers=s["layers"], hidden=s["hidden"],
+                         vocab=s["vocab"], num_kv_heads=s["num_kv_heads"], head_dim=s["head_dim"],
+                         intermediate=s["intermediate"], tied_embeddings=True)
+    w = cm.Workload(prompt_len=int(s["prompt_len"]), response_len=int(s["response_len"]),
+                    prompts_per_step=s["prompts_per_step"], n_gpus=1, **wkw)
+    methods = doc["methods"]
+    preds = cm.predict_all(model, w, hw, off, methods=[k for k in cm.METHODS if k in methods])
+    rollout_weights_gb = 4 * s["params"] / 1e9  # the fp32 copy the CPU rollout server holds (no vLLM modelled)
+    rows, gaps = {}, []
+    lines = [buf.getvalue(), "training-state memory (GB): measured FSDP worker vs predicted training-engine peak "
+             f"(peak_train_gb); rollout server vs its fp32 weights ({rollout_weights_gb:.2f} GB)",
+             f"  {'method':18s} {'engine meas':>11s} {'pred':>6s} {'gap':>6s} | {'rollout meas':>12s} {'pred':>6s} "
+             f"| {'train-state meas':>16s} {'pred':>6s} {'gap':>6s}"]
+    for k, p in preds.items():
+        me = methods[k]
+        eng_p = p.memory["peak_train_gb"]
+        ts_p = eng_p + rollout_weights_gb
+        r = {"step_time_s": (me["step_time_s"], p.step_time_s),
+             "train_engine_mem_gb": (me["train_engine_mem_gb"], eng_p),
+             "rollout_server_mem_gb": (me["rollout_server_mem_gb"], rollout_weights_gb),
+             "train_state_mem_gb": (me["train_state_mem_gb"], ts_p)}
+        for q in (*cm.PARTS,):
+            r[f"parts/{q}"] = (me["parts"].get(q, 0.0), p.time_s[q])
+        rows[k] = {name: {"measured": a, "predicted": b, "gap": (b - a) / a if a else None}
+                   for name, (a, b) in r.items()}
+        lines.append(f"  {k:18s} {me['train_engine_mem_gb']:11.2f} {eng_p:6.2f} "
+                     f"{rows[k]['train_engine_mem_gb']['gap']:+6.0%} | {me['rollout_server_mem_gb']:12.2f} "
+                     f"{rollout_weights_gb:6.2f} | {me['train_state_mem_gb']:16.2f} {ts_p:6.2f} "
+                     f"{rows[k]['train_state_mem_gb']['gap']:+6.0%}")
+        for name, v in rows[k].items():
+            if v["gap"] is None or abs(v["gap"]) <= GAP:
+                continue
+            if name.startswith("parts/") and max(v["measured"], v["predicted"]) < 0.05 * me["step_time_s"]:
+                continue  # a part under 5% of the step either way is noise-level
+            gaps.append(f"{k} {name}: measured {v['measured']:.2f}, predicted {v['predicted']:.2f} "
+                        f"({v['gap']:+.0%})")
+    lines += ["", f"gaps over {GAP:.0%}:"] + [f"  {g}" for g in gaps]
+    return {"hardware": {"peak_gflops": peak, "mfu_train": hw.mfu_train, "mem_bw_gbs": s["mem_bw_gbs"],
+                         "phase_overhead_s": PHASE_OVERHEAD_S, "other_fixed_s": OTHER_FIXED_S,
+                         "decode_step_overhead_s": DECODE_STEP_OVERHEAD_S},
+            "compare_with_bench": cmp, "methods": rows, "gaps": gaps}, "\n".join(lines)
+
+
+def _hardware(args, model_path: str | None) -> dict:
+    hw = measure_cpu(model_path) if args.cpu_gflops is None or args.mem_bw_gbs is None else {}
+    if args.cpu_gflops is not None:
+        hw.update(cpu_gflops=args.cpu_gflops, cpu_gflops_stated=True)
+    if args.mem_bw_gbs is not None:
+        hw.update(mem_bw_gbs=args.mem_bw_gbs, mem_bw_stated=True)
+    return hw
+
+
+def _write_comparison(doc: dict, bench_path: str) -> str:
+    cmp, text = cost_model_comparison(doc, bench_path)
+    doc["cost_model"] = cmp
+    with open(bench_path, "w") as f:
+        json.dump(doc, f, indent=2)
+    with open(os.path.join(os.path.dirname(os.path.abspath(bench_path)), "cost_model_vs_bench.txt"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def compare_only(bench_path: str, hw: dict) -> int:
+    with open(bench_path) as f:
+        doc = json.load(f)
+    doc["setting"].update(hw)
+    print(_write_comparison(doc, bench_path))
+    return 0
+
+
+def main(argv=None) -> int:
+    from tbrm_verl import report
+    from tbrm_verl.tools import bench
+
+    ap = argparse.ArgumentParser(prog="python -m tbrm_verl.bench --setting work",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=4, help="training steps per method (the first is not timed)")
+    ap.add_argument("--methods", default=",".join(bench.METHODS), help=f"comma list of {', '.join(bench.METHODS)}")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts per step (data.train_batch_size)")
+    ap.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch, every pass and method")
+    ap.add_argument("--size", choices=sorted(SIZES), default="full", help="model/lengths (tiny: tests, smoke run)")
+    ap.add_argument("--cache-dir", default=None, help="assets cache (default: next to the embedded assets)")
+    ap.add_argument("--sample-interval", type=float, default=0.1, help="seconds between per-process RSS samples")
+    ap.add_argument("--out-dir", default="bench_work_out")
+    ap.add_argument("--cpu-gflops", type=float, help="state the CPU's fp32 rate for the cost model (default: measure)")
+    ap.add_argument("--mem-bw-gbs", type=float, help="state its memory bandwidth (default: measure)")
+    ap.add_argument("--compare-only", metavar="BENCH_JSON", help="only redo the cost-model comparison of an existing "
+                    "bench.json (hardware re-measured or stated) and write it beside that file")
+    args, extra = ap.parse_known_args(argv)
+    if args.compare_only:
+        with open(args.compare_only) as f:
+            model_path = json.load(f)["setting"]["model_path"]
+        return compare_only(args.compare_only, _hardware(args, model_path))
+    names = args.methods.split(",")
+    unknown = [m for m in names if m not in bench.METHODS]
+    if unknown:
+        ap.error(f"unknown method {unknown[0]}; choose from {', '.join(bench.METHODS)}")
+    out_dir = os.path.abspath(args.out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    size = SIZES[args.size]
+    paths = ensure_work_assets(args.size, cache_dir=args.cache_dir)
+    hw = _hardware(args, paths["model_path"])
+    print(f"[bench] CPU ({hw.get('cpus', '?')} CPUs, per CPU-second x CPUs): fp32 matmul {hw['cpu_gflops']:.0f} "
+          f"GFLOP/s, model forward {hw.get('model_fwd_gflops', float('nan')):.0f}, forward+backward "
+          f"{hw.get('model_train_gflops', float('nan')):.0f}; copy {hw['mem_bw_gbs']:.1f} GB/s; load now "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
+    common = [f"data.train_batch_size={args.prompts}", *work_overrides(paths, size, args.micro_batch), *extra]
+    results, load = {}, {}
+    t0 = time.time()
+    for name in names:
+        with LoadSampler() as ls:
+            results[name] = run_method(name, bench.METHODS[name], out_dir, args.steps, common, args.sample_interval)
+        load[name] = results[name]["load"] = ls.summary()
+    steps = report.load_steps(os.path.join(out_dir, names[0]))
+    mean_of = lambda key: sum(m[key] for m in steps.values() if key in m) / max(1, sum(key in m for m in steps.values()))  # noqa: E731
+    setting = {"name": "work", "size": args.size, **asdict(size), "steps": args.steps, "prompts_per_step": args.prompts,
+               "micro_batch": args.micro_batch, "overrides": common, "n_gpus": 1,
+               "prompt_len": mean_of("prompt_length/mean"), "response_len": mean_of("response_length/mean"),
+               **bench.model_setting(common), "num_kv_heads": size.kv_heads, "head_dim": size.head_dim,
+               "intermediate": size.intermediate, "tied_embeddings": True, **hw,
+               "load1_mean": sum(v["load1_mean"] for v in load.values()) / len(load),
+               "load1_max": max(v["load1_max"] for v in load.values()), "wall_s": time.time() - t0,
+               "cpu_count": os.cpu_count()}
+    doc = {"methods": results, "ratios_vs_ppo_n1": ratios(results), "targets": check_targets(results),
+           "setting": setting}
+    bench_path = os.path.join(out_dir, "bench.json")
+    with open(bench_path, "w") as f:
+        json.dump(doc, f, indent=2)
+    _write_comparison(doc, bench_path)
+    plot(results, os.path.join(out_dir, "bench.png"))
+    out = [table(results), ""]
+    for name, t in doc["targets"].items():
+        out.append(f"target {name}: {t['value']:.2f} (≤ {t['bound']}: {'met' if t['met'] else 'NOT met'})")
+    out.append(f"machine: {setting['cpu_count']} CPUs, {hw['cpu_gflops']:.0f} GFLOP/s, load (1 min) mean "
+               f"{setting['load1_mean']:.2f} max {setting['load1_max']:.2f}; wall {setting['wall_s'] / 60:.1f} min")
+    text = "\n".join(out)
+    with open(os.path.join(out_dir, "bench_output.txt"), "w") as f:
+        f.write(text + "\n\n" + markdown_table(results) + "\n")
+    print(text)
+    print(f"[bench] wrote {out_dir}/bench.json, bench.png, bench_output.txt")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
