@@ -1,6 +1,6 @@
 """verl plugin entry point (`verl.plugins` in setup.py): imported by `import verl` in every process of a run.
 
-Registers, without patching verl files:
+Registers, without patching verl files (every verl seam the project uses is listed in tbrm_verl/seams.py):
 * the CPU device platform (active only when VERL_PLATFORM=cpu),
 * the `cpu_hf` rollout backend (lazily: its module loads only when a run selects it),
 * a critic loader that honours the configured attention implementation (tbrm_verl/attn.py),

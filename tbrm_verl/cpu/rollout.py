@@ -348,12 +348,3 @@ class CPUServerAdapter(BaseRollout):
 
     def generate_sequences(self, prompts):
         raise NotImplementedError("the cpu_hf rollout is server based, like vLLM's: use the agent loop")
-
-
-def register() -> None:
-    from verl.workers.rollout import base as rollout_base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
-
-    RolloutReplicaRegistry.register(NAME, lambda: CPURolloutReplica)
-    # verl 0.9.1 has no public registration for the in-worker adapter; its registry is this private dict.
-    rollout_base._ROLLOUT_REGISTRY[(NAME, "async")] = f"{__name__}.CPUServerAdapter"
