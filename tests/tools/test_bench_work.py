@@ -1,6 +1,7 @@
-"""The work-setting bench (tbrm_verl/tools/bench_work.py): its assets at the tiny size, per-worker memory accounting
-against processes that allocate a known number of bytes, the roles of Ray's real process titles, the cpu_hf
-rollout's ignore_eos, the targets' arithmetic and the --setting dispatch of tbrm_verl.tools.bench."""
+"""The work-setting bench (tbrm_verl/tools/bench_work.py, work_assets.py, work_memory.py): its assets at the tiny
+size, per-worker memory accounting against processes that allocate a known number of bytes, the roles of Ray's real
+process titles, the cpu_hf rollout's ignore_eos, the targets' arithmetic and the --setting dispatch of
+tbrm_verl.tools.bench."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from types import SimpleNamespace
 import pytest
 
 from tbrm_verl.tools import bench_work as bw
+from tbrm_verl.tools import work_assets as wa
+from tbrm_verl.tools import work_memory as wm
 from tbrm_verl.tools.procmem import ProcessTreeSampler, ProcStats
 
-TINY = bw.SIZES["tiny"]
+TINY = wa.SIZES["tiny"]
 MiB = 2**20
 
 
@@ -26,7 +29,7 @@ MiB = 2**20
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    return bw.ensure_work_assets("tiny", cache_dir=str(tmp_path_factory.mktemp("bw") / "tiny"), verbose=False)
+    return wa.ensure_work_assets("tiny", cache_dir=str(tmp_path_factory.mktemp("bw") / "tiny"), verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +41,7 @@ def tokenizer(assets):
 
 def test_tokenizer_has_the_requested_vocabulary_and_round_trips(assets, tokenizer):
     assert len(tokenizer) == TINY.vocab
-    text = bw.make_text(bw.make_lexicon(TINY.lexicon), 200, __import__("random").Random(7))
+    text = wa.make_text(wa.make_lexicon(TINY.lexicon), 200, __import__("random").Random(7))
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
     # BPE merges: the generated text takes fewer tokens than bytes
     assert len(tokenizer.encode(text, add_special_tokens=False)) < 0.7 * len(text.encode())
@@ -69,21 +72,21 @@ def test_every_prompt_renders_to_exactly_prompt_tokens(assets, tokenizer):
                                                 return_dict=False)
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
             assert len(ids) == TINY.prompt_tokens
-            assert rm["ground_truth"] in bw.LETTERS
+            assert rm["ground_truth"] in wa.LETTERS
 
 
 def test_cache_hit_does_not_rebuild(assets):
     done = os.path.join(assets["cache_dir"], "DONE")
     before = os.stat(done).st_mtime_ns
-    assert bw.ensure_work_assets("tiny", cache_dir=assets["cache_dir"], verbose=False) == assets
+    assert wa.ensure_work_assets("tiny", cache_dir=assets["cache_dir"], verbose=False) == assets
     assert os.stat(done).st_mtime_ns == before
 
 
 def test_synthetic_reward():
-    assert bw.compute_score(solution_str="banana", ground_truth="a") == 0.0  # 3 a's
-    assert bw.compute_score(solution_str="bana", ground_truth="a") == 1.0
-    assert bw.compute_score(solution_str="xyz", ground_truth="e") == 1.0  # zero is even
-    assert bw.compute_score(solution_str="e", ground_truth="e", convention="plus_minus_one") == -1.0
+    assert wa.compute_score(solution_str="banana", ground_truth="a") == 0.0  # 3 a's
+    assert wa.compute_score(solution_str="bana", ground_truth="a") == 1.0
+    assert wa.compute_score(solution_str="xyz", ground_truth="e") == 1.0  # zero is even
+    assert wa.compute_score(solution_str="e", ground_truth="e", convention="plus_minus_one") == -1.0
 
 
 def test_overrides_fix_lengths_micro_batches_and_ignore_eos(assets):
@@ -93,6 +96,14 @@ def test_overrides_fix_lengths_micro_batches_and_ignore_eos(assets):
     assert o["actor_rollout_ref.rollout.ignore_eos"] == "true"
     mb_keys = [k for k in o if "micro_batch_size" in k]
     assert len(mb_keys) == 5 and {o[k] for k in mb_keys} == {"2"}
+
+
+def test_overrides_name_the_reward_function_where_it_lives(assets):
+    import importlib
+
+    o = dict(x.split("=", 1) for x in bw.work_overrides(assets, TINY))
+    module = importlib.import_module(o["reward.custom_reward_function.path"].removeprefix("pkg://"))
+    assert getattr(module, o["reward.custom_reward_function.name"]) is wa.compute_score
 
 
 def test_work_overrides_compose_and_pass_the_project_checks(assets):
@@ -202,7 +213,7 @@ REAL_TITLES = {
 
 @pytest.mark.parametrize("title,expected", REAL_TITLES.items())
 def test_roles_of_real_ray_titles(title, expected):
-    assert (bw.role_of(title), bw.baseline_when(title)) == expected
+    assert (wm.role_of(title), wm.baseline_when(title)) == expected
 
 
 def _ps(pid, samples):
@@ -217,12 +228,12 @@ def test_baseline_is_the_actor_init_sample_or_the_last_one_before_a_missed_init(
     GB = 10**9
     seen_init = _ps(1, [("ray::IDLE", 0.1 * GB), ("ray::IDLE", 0.6 * GB), ("ray::a:0:WorkerDict.__init__", 0.65 * GB),
                         ("ray::WorkerDict.actor_rollout_ref_init_model", 1.5 * GB)])
-    assert bw.baseline_of(seen_init) == ((2.0, int(0.65 * GB), "ray::a:0:WorkerDict.__init__", "python"), "actor_init")
+    assert wm.baseline_of(seen_init) == ((2.0, int(0.65 * GB), "ray::a:0:WorkerDict.__init__", "python"), "actor_init")
     missed_init = _ps(2, [("ray::IDLE", 0.1 * GB), ("ray::IDLE", 0.62 * GB),
                           ("ray::WorkerDict.actor_rollout_ref_init_model", 1.0 * GB), ("ray::WorkerDict", 1.3 * GB)])
-    assert bw.baseline_of(missed_init) == ((1.0, int(0.62 * GB), "ray::IDLE", "python"), "pre_actor")
-    assert bw.baseline_of(_ps(3, [("ray::IDLE", 0.1 * GB)])) == (None, None)
-    assert bw.baseline_of(_ps(4, [("/venv/bin/python -m tbrm_verl.main", 0.4 * GB)])) == (None, None)
+    assert wm.baseline_of(missed_init) == ((1.0, int(0.62 * GB), "ray::IDLE", "python"), "pre_actor")
+    assert wm.baseline_of(_ps(3, [("ray::IDLE", 0.1 * GB)])) == (None, None)
+    assert wm.baseline_of(_ps(4, [("/venv/bin/python -m tbrm_verl.main", 0.4 * GB)])) == (None, None)
 
 
 def test_worker_memory_sums_training_state_over_fsdp_and_rollout_processes():
@@ -234,7 +245,7 @@ def test_worker_memory_sums_training_state_over_fsdp_and_rollout_processes():
         _ps(3, [("ray::IDLE", 0.1 * GB), ("ray::IDLE", 0.9 * GB), ("ray::TBRMTaskRunner.run", 1.2 * GB)]),
         _ps(4, [("ray::IDLE", 0.1 * GB), ("ray::IDLE", 0.2 * GB)]),
     ]
-    m = bw.worker_memory(stats)
+    m = wm.worker_memory(stats)
     assert m["train_engine_mem_gb"] == pytest.approx(2.0)
     assert m["rollout_server_mem_gb"] == pytest.approx(0.5)
     assert m["train_state_mem_gb"] == pytest.approx(2.5)
