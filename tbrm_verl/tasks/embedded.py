@@ -15,10 +15,12 @@ builds once and caches. Default cache dir: ``$TBRM_VERL_CACHE/embedded-v1`` if `
 temporary directory next to the cache dir, under an fcntl lock, and is renamed into place with a ``DONE`` marker
 written last: a concurrent or interrupted build never leaves a half-built cache that is later taken as complete.
 
-CLI: ``python -m tbrm_verl.embedded [--cache-dir DIR] [--force]`` builds (if needed) and prints the paths as JSON.
+CLI: ``python -m tbrm_verl.tasks.embedded [--cache-dir DIR] [--force]`` builds (if needed) and prints the paths as
+JSON.
 
 The small pieces are public for tests and other modules: `build_tokenizer`, `build_tiny_qwen2` (alias
-`build_model`), `make_rows`, `warm_start`, `answer_probability`, `sampled_accuracy`, `extract_boxed`.
+`build_model`), `make_rows`, `warm_start`, `answer_probability`, `sampled_accuracy`, `score`. Answers are extracted
+with the math reward's `last_boxed_answer` and sampled with the evaluation's `hf_sample`, as everywhere else.
 """
 
 from __future__ import annotations
@@ -29,36 +31,18 @@ import fcntl
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import tempfile
 import time
 from typing import Any, Callable
 
+from tbrm_verl.tasks.math.reward import last_boxed_answer
+
 __all__ = [
-    "RECIPE_VERSION",
-    "DATA_SOURCE",
-    "SEED",
-    "CHAT_TEMPLATE",
-    "question",
-    "answer_text",
-    "extract_boxed",
-    "score",
-    "all_pairs",
-    "make_rows",
-    "write_parquets",
-    "build_tokenizer",
-    "build_tiny_qwen2",
-    "build_model",
-    "prompt_ids",
-    "response_ids",
-    "answer_probability",
-    "warm_start",
-    "sampled_accuracy",
-    "default_cache_dir",
-    "ensure_embedded_assets",
-    "main",
+    "RECIPE_VERSION", "DATA_SOURCE", "SEED", "CHAT_TEMPLATE", "question", "answer_text", "score", "all_pairs",
+    "make_rows", "write_parquets", "build_tokenizer", "build_tiny_qwen2", "build_model", "prompt_ids", "response_ids",
+    "answer_probability", "warm_start", "sampled_accuracy", "default_cache_dir", "ensure_embedded_assets", "main",
 ]
 
 RECIPE_VERSION = "v1"
@@ -106,18 +90,9 @@ def answer_text(a: int, b: int) -> str:
     return f"\\boxed{{{a + b}}}"
 
 
-_BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
-
-
-def extract_boxed(text: str) -> str | None:
-    """Content of the last ``\\boxed{...}`` in `text`, stripped; None when there is none."""
-    found = _BOXED.findall(text)
-    return found[-1].strip() if found else None
-
-
 def score(solution_str: str, ground_truth: str) -> float:
-    """1.0 if the last boxed answer is exactly the ground truth, else 0.0."""
-    return 1.0 if extract_boxed(solution_str) == str(ground_truth).strip() else 0.0
+    """1.0 if the last boxed answer (the math reward's `last_boxed_answer`) is exactly the ground truth, else 0.0."""
+    return 1.0 if last_boxed_answer(solution_str) == str(ground_truth).strip() else 0.0
 
 
 def all_pairs() -> list[tuple[int, int]]:
@@ -197,14 +172,8 @@ def build_tokenizer(save_dir: str | None = None, vocab_size: int = VOCAB_SIZE):
     tok.train_from_iterator(_training_texts(), trainer=trainer)
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=None,
-        eos_token=IM_END,
-        pad_token=ENDOFTEXT,
-        unk_token=None,
-        additional_special_tokens=[IM_START, IM_END],
-        model_max_length=512,
-        padding_side="left",
+        tokenizer_object=tok, bos_token=None, eos_token=IM_END, pad_token=ENDOFTEXT, unk_token=None,
+        additional_special_tokens=[IM_START, IM_END], model_max_length=512, padding_side="left",
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHAT_TEMPLATE
@@ -247,19 +216,9 @@ def build_tiny_qwen2(tokenizer, seed: int = SEED, pad_vocab_to: int = 64):
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        bos_token_id=pad_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_cache=True,
+        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
     )
     config.dtype = torch.float32  # saved as "dtype": "float32"
     with torch.random.fork_rng(devices=[]):
@@ -360,44 +319,23 @@ def sampled_accuracy(
     """Actually sample responses (temperature 1, no top-k/top-p) for every pair and score them.
 
     Returns accuracy (last boxed answer exact), well_formed (a boxed answer present and <|im_end|> emitted) and
-    the number of samples. Uses its own seeded generator; the global torch RNG is left untouched."""
-    import torch
+    the number of samples. Sampled with the evaluation's `hf_sample`, all pairs in one batch, seeded with `seed`
+    in a forked RNG: the global torch RNG is left untouched."""
+    from tbrm_verl.eval.generate import hf_sample
 
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
-    pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    pairs = [p for p in all_pairs() for _ in range(samples_per_pair)]
-    prompts = [prompt_ids(tokenizer, a, b) for a, b in pairs]
-    L = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):  # left padding
-        ids[i, L - len(p) :] = torch.tensor(p)
-        attn[i, L - len(p) :] = 1
-    gen = torch.Generator().manual_seed(seed)
-    done = torch.zeros(len(prompts), dtype=torch.bool)
-    out = []
+    pairs = all_pairs()
     model.eval()
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            pos = (attn.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=attn, position_ids=pos).logits[:, -1].float()
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            out.append(nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            attn = torch.cat([attn, (~done).long()[:, None]], dim=1)
-            done |= nxt == eos_id
-            if bool(done.all()):
-                break
-    gen_ids = torch.stack(out, dim=1).tolist()
+    samples = hf_sample(model, [prompt_ids(tokenizer, a, b) for a, b in pairs], k=samples_per_pair,
+                        temperature=temperature, max_new_tokens=max_new_tokens, stop_ids=[eos_id],
+                        pad_id=tokenizer.convert_tokens_to_ids(ENDOFTEXT), seed=seed)
     correct = well_formed = 0
-    for (a, b), g in zip(pairs, gen_ids):
-        ended = eos_id in g
-        text = tokenizer.decode(g[: g.index(eos_id)] if ended else g, skip_special_tokens=True)
+    for i, (toks, ended) in enumerate(samples):  # prompt-major: samples_per_pair samples of each pair in turn
+        a, b = pairs[i // samples_per_pair]
+        text = tokenizer.decode(toks, skip_special_tokens=True)
         correct += score(text, str(a + b)) == 1.0
-        well_formed += ended and extract_boxed(text) is not None
-    n = len(pairs)
+        well_formed += ended and last_boxed_answer(text) is not None
+    n = len(samples)
     return {"accuracy": correct / n, "well_formed": well_formed / n, "samples": n}
 
 
@@ -548,7 +486,7 @@ def ensure_embedded_assets(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tbrm_verl.embedded", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tbrm_verl.tasks.embedded", description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache-dir", default=None, help=f"default: {default_cache_dir()}")
     ap.add_argument("--force", action="store_true", help="rebuild even if a complete cache exists")
     ap.add_argument("--quiet", action="store_true")

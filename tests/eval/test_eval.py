@@ -16,7 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tbrm_verl.eval import protocol as ev
+from tbrm_verl.eval import EvalError
+from tbrm_verl.eval.checkpoint import resolve_model
+from tbrm_verl.eval.cli import main
+from tbrm_verl.eval.protocol import _parse_per_set, set_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--backend", "hf", "--max-new-tokens", "12", "--threads", "1", "--batch-size", "32"]
@@ -73,7 +76,7 @@ def _boxed_int(text: str):
 
 
 def _run(argv):
-    rc = ev.main(argv)
+    rc = main(argv)
     assert rc == 0
 
 
@@ -133,17 +136,17 @@ def test_json_schema_and_metric_names(sampled_run, data_dir):
 
 
 def test_default_protocol_is_the_papers():
-    kd, kp = ev._parse_per_set(None, int, "k")
-    td, tp = ev._parse_per_set(None, float, "temperature")
+    kd, kp = _parse_per_set(None, int, "k")
+    td, tp = _parse_per_set(None, float, "temperature")
     want = {"aime24": (32, 1.0), "aime25": (32, 1.0), "amc23": (32, 1.0), "math500": (1, 0.0), "minerva": (1, 0.0),
             "olympiadbench": (1, 0.0)}
-    assert {s: ev.set_settings(s, kd, kp, td, tp) for s in want} == want
-    kd, kp = ev._parse_per_set(["aime24=4", "amc23=8"], int, "k")
-    assert ev.set_settings("aime24", kd, kp, td, tp) == (4, 1.0)
-    assert ev.set_settings("amc23", kd, kp, td, tp) == (8, 1.0)
-    assert ev.set_settings("aime25", kd, kp, td, tp) == (32, 1.0)
-    with pytest.raises(ev.EvalError):  # k identical greedy samples
-        ev.set_settings("math500", 4, {}, None, {})
+    assert {s: set_settings(s, kd, kp, td, tp) for s in want} == want
+    kd, kp = _parse_per_set(["aime24=4", "amc23=8"], int, "k")
+    assert set_settings("aime24", kd, kp, td, tp) == (4, 1.0)
+    assert set_settings("amc23", kd, kp, td, tp) == (8, 1.0)
+    assert set_settings("aime25", kd, kp, td, tp) == (32, 1.0)
+    with pytest.raises(EvalError):  # k identical greedy samples
+        set_settings("math500", 4, {}, None, {})
 
 
 def test_greedy_is_deterministic(model_dir, data_dir, tmp_path):
@@ -292,10 +295,10 @@ def _fake_actor_checkpoint(model_dir: str, root: Path, step: int = 7) -> Path:
 
 def test_checkpoint_is_merged_and_matches_the_hf_model(model_dir, data_dir, tmp_path):
     actor = _fake_actor_checkpoint(model_dir, tmp_path / "run")
-    r = ev.resolve_model(str(tmp_path / "run"))  # the run directory: latest step's actor, merged by verl
+    r = resolve_model(str(tmp_path / "run"))  # the run directory: latest step's actor, merged by verl
     assert r.kind == "checkpoint_merged" and r.merged_now and r.checkpoint == str(actor.resolve())
     assert Path(r.path) == actor.resolve() / "merged_hf" and (Path(r.path) / "config.json").is_file()
-    again = ev.resolve_model(str(actor.parent))  # global_step_N: reuses the merge
+    again = resolve_model(str(actor.parent))  # global_step_N: reuses the merge
     assert again.path == r.path and not again.merged_now
 
     # verl's merger writes bf16 weights; the same model loaded in bf16 must give the same greedy answers
@@ -315,11 +318,11 @@ def test_checkpoint_with_full_hf_weights_is_used_directly(model_dir, tmp_path):
     actor = _fake_actor_checkpoint(model_dir, tmp_path)
     for f in Path(model_dir).glob("*.safetensors"):
         shutil.copy(f, actor / "huggingface" / f.name)
-    r = ev.resolve_model(str(actor))
+    r = resolve_model(str(actor))
     assert r.kind == "checkpoint_hf" and Path(r.path) == actor.resolve() / "huggingface"
 
 
 def test_errors_are_one_line(tmp_path, capsys):
-    assert ev.main(["--model", str(tmp_path / "nope"), "--data-dir", str(tmp_path)]) == 2
+    assert main(["--model", str(tmp_path / "nope"), "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err

@@ -180,9 +180,8 @@ def test_parquet_schema_and_contents(assets):
     assert frames["train"]["reward_model"].map(lambda r: r["ground_truth"]).nunique() == 19  # sums 0..18
 
 
-def test_score_and_extract_boxed():
-    assert E.extract_boxed("so \\boxed{3} no \\boxed{ 12 }") == "12"
-    assert E.extract_boxed("no answer") is None
+def test_score():
+    assert E.score("so \\boxed{3} no \\boxed{ 12 }", "12") == 1.0 and E.score("no answer", "7") == 0.0  # last box
     assert E.score("\\boxed{7}", "7") == 1.0 and E.score("\\boxed{8}", "7") == 0.0 and E.score("7", "7") == 0.0
 
 

@@ -236,7 +236,8 @@ def test_concurrent_threads():
 def test_loaded_from_file_path_like_verl():
     # verl's `reward.custom_reward_function.path=...` loads the file under a private module name (not importable by
     # spawned workers); the non-fast path must still work.
-    spec = importlib.util.spec_from_file_location("custom_module_test_reward", REPO / "tbrm_verl" / "reward.py")
+    path = REPO / "tbrm_verl" / "tasks" / "math" / "reward.py"
+    spec = importlib.util.spec_from_file_location("custom_module_test_reward", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     try:
