@@ -1,4 +1,5 @@
-"""`python -m tbrm_verl.gpu_check`: entry point kept at its public name; the tool lives in `tbrm_verl.tools.gpu_check`."""
+"""`python -m tbrm_verl.gpu_check`: entry point kept at its public name; the tool is the package
+`tbrm_verl.tools.gpu_check` (checks, measurements, CLI), its bare-machine imports `tbrm_verl.tools.bare_imports`."""
 
 from tbrm_verl.tools.gpu_check import main
 

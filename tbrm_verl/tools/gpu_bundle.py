@@ -11,10 +11,13 @@ carried wheels whose distribution the interpreter lacks (verl: unless it has exa
 that folder and `src/` first on sys.path, writes `DIR/gpu_check.json` (unless `--out` is given) and removes the
 temporary folder. The bundle is refused above 64 MiB.
 
-What is carried and why was found by importing verl's FSDP engine module in a venv with only torch, transformers,
-numpy, pyyaml, packaging, psutil, peft, safetensors, pandas and pyarrow (tests/tools/test_gpu_bundle.py builds that venv
-and runs the bundle in it). Ray is not carried: its wheel (~79 MB) alone is over the limit; gpu_check imports verl's
-engine module with a stand-in `ray` (see its docstring). No verl file is copied: verl's own wheel is carried.
+What is carried and why was found by importing verl's FSDP engine module and running the check in a venv with only
+torch, transformers, pandas and pyarrow (tests/tools/test_gpu_bundle.py builds that venv and runs the bundle in it):
+each import that failed there is a CARRIED entry. NOT_CARRIED lists what the import needs but the bundle leaves out:
+Ray (its wheel alone is over the limit; verl's engine module is imported with a stand-in `ray`,
+tbrm_verl/tools/bare_imports.py), and pyarrow and pandas (imported by `datasets`, which verl's engine module imports
+through verl.utils.dataset): pyarrow's wheel is ~55 MB, and the lent GPU image has both. No verl file is copied:
+verl's own wheel is carried.
 This module uses the standard library only: run.sh runs `select` before anything else is importable.
 """
 
@@ -32,7 +35,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["CARRIED", "LIMIT_BYTES", "build", "select", "main"]
+__all__ = ["CARRIED", "NOT_CARRIED", "LIMIT_BYTES", "build", "select", "main"]
 
 LIMIT_BYTES = 64 * 2**20
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")
@@ -42,6 +45,8 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x8
 # tests ran with). importlib_metadata and zipp (tensordict's requirements) are not needed on Python >= 3.10.
 CARRIED = (
     ("verl", "0.9.1", "the engine and loss code under test"),
+    ("peft", "0.21.2", "verl's FSDP engine module (from peft import LoraConfig, ...)"),
+    ("accelerate", "1.16.0", "imported by peft"),
     ("tensordict", "0.10.0", "verl's batches (verl.utils.tensordict_utils)"),
     ("pyvers", "0.1.0", "imported by tensordict"),
     ("orjson", "3.13.0", "imported by tensordict"),
@@ -55,6 +60,15 @@ CARRIED = (
     ("xxhash", "4.1.0", "imported by datasets"),
     ("pillow", "13.0.0", "verl.utils.dataset.rl_dataset (import PIL)"),
 )
+# Needed by the import, left out of the bundle (the reason is written to bundle.json).
+NOT_CARRIED = {
+    "ray": "wheel ~79 MB, over the limit; verl's engine module is imported with a stand-in ray "
+           "(tbrm_verl/tools/bare_imports.py)",
+    "pyarrow": "wheel ~55 MB, over the limit; must be on the machine (imported by datasets, which verl's engine "
+               "module imports through verl.utils.dataset); the lent GPU image has it",
+    "pandas": "wheel ~12 MB; must be on the machine, beside pyarrow (imported by datasets and verl.utils.dataset); "
+              "the lent GPU image has it",
+}
 # Published as an sdist only: built here into a pure-Python wheel (py3-none-any), valid for any target.
 SDIST_ONLY = {"antlr4-python3-runtime"}
 # Must be exactly this version even if the machine has another one (the bundle's copy then shadows it).
@@ -71,7 +85,7 @@ export TBRM_GPU_CHECK_T0="$(date +%s.%N)"  # the JSON's wall_time_s counts the w
 TARGET="$(mktemp -d "${TMPDIR:-/tmp}/tbrm_gpu_check.XXXXXX")"
 trap 'rm -rf "$TARGET"' EXIT
 # the carried wheels this interpreter lacks (one path a line), and a record of the choice for the JSON
-PYTHONPATH="$HERE/src" "$PY" -m tbrm_verl.gpu_bundle select "$HERE" --record "$TARGET/bundle_install.json" \
+PYTHONPATH="$HERE/src" "$PY" -m tbrm_verl.tools.gpu_bundle select "$HERE" --record "$TARGET/bundle_install.json" \
   > "$TARGET/wheels.txt"
 mapfile -t WHEELS < "$TARGET/wheels.txt"
 if [ "${#WHEELS[@]}" -gt 0 ]; then
@@ -165,8 +179,7 @@ def build(out: str, python_version: str | None = None, log=print) -> dict:
     (out_p / "run.sh").write_text(RUN_SH)
     (out_p / "run.sh").chmod(0o755)
     manifest = {"python_version": pyver, "platforms": list(PLATFORMS), "carried": carried,
-                "not_carried": {"ray": "wheel ~79 MB, over the 64 MiB limit; verl's engine module is imported with a "
-                                       "stand-in ray (gpu_check.prepare_imports)"},
+                "not_carried": dict(NOT_CARRIED),
                 "limit_bytes": LIMIT_BYTES, "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     (out_p / "bundle.json").write_text(json.dumps(manifest, indent=2))
     size = manifest["size_bytes"] = _dir_bytes(out_p)
@@ -204,7 +217,7 @@ def select(bundle: str, record: str | None = None) -> list[str]:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["select"]:  # run.sh's step (not for people)
-        ap = argparse.ArgumentParser(prog="python -m tbrm_verl.gpu_bundle select")
+        ap = argparse.ArgumentParser(prog="python -m tbrm_verl.tools.gpu_bundle select")
         ap.add_argument("bundle")
         ap.add_argument("--record")
         a = ap.parse_args(argv[1:])

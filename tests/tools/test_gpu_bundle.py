@@ -1,6 +1,6 @@
 """The GPU check's offline bundle (tbrm_verl/tools/gpu_bundle.py): which wheels run.sh installs, the refusals, and an
-end-to-end run on a simulated bare GPU machine — a venv with only torch, transformers and the image's light packages
-(no verl, ray, tensordict, omegaconf), no network — that must pass every check through verl's own engine code."""
+end-to-end run on a simulated bare GPU machine — a venv with only torch, transformers and the two packages the bundle
+leaves to the machine (pandas, pyarrow), no network — that must pass every check through verl's own engine code."""
 
 import json
 import os
@@ -97,13 +97,34 @@ def test_carried_set_is_the_import_closure_without_ray():
     names = [d for d, _, _ in gpu_bundle.CARRIED]
     assert ("verl", "0.9.1") in [(d, v) for d, v, _ in gpu_bundle.CARRIED] and "ray" not in names
     assert len(names) == len(set(names))
+    # verl's FSDP engine module imports peft (which imports accelerate): carried, not expected on the machine
+    assert {"peft", "accelerate", "tensordict", "omegaconf", "datasets"} <= set(names)
+    # what the import needs but the bundle leaves out, each with its reason; never both carried and left out
+    assert set(gpu_bundle.NOT_CARRIED) == {"ray", "pyarrow", "pandas"} and not set(names) & set(gpu_bundle.NOT_CARRIED)
+    assert all(why.strip() for why in gpu_bundle.NOT_CARRIED.values())
+
+
+def test_run_sh_steps_run_the_modules_it_names(tmp_path):
+    """run.sh starts `-m tbrm_verl.tools.gpu_bundle select` and runs the module `tbrm_verl.gpu_check`: both must exist
+    at those names (the select step as run.sh runs it, with only the package sources on the path)."""
+    import re
+
+    assert re.findall(r'-m (tbrm_verl\S*) select', gpu_bundle.RUN_SH) == ["tbrm_verl.tools.gpu_bundle"]
+    assert re.findall(r'run_module\("([^"]+)"', gpu_bundle.RUN_SH) == ["tbrm_verl.gpu_check"]
+    assert (ROOT / "tbrm_verl" / "gpu_check.py").is_file()
+    b = _fake_bundle(tmp_path, [{"distribution": "tbrm-no-such-dist", "version": "1.0",
+                                 "wheel": "tbrm_no_such_dist-1.0-py3-none-any.whl", "exact": False}])
+    r = subprocess.run([sys.executable, "-m", "tbrm_verl.tools.gpu_bundle", "select", str(b)], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(b / "wheels" / "tbrm_no_such_dist-1.0-py3-none-any.whl")]
 
 
 # ------------------------------------------------------------------------------ simulated bare GPU machine (e2e)
-BARE_PACKAGES = ["numpy", "pyyaml", "packaging", "psutil", "peft", "safetensors",
-                 # on the GPU image too; `datasets` (imported by verl's FSDP engine module) needs them
-                 "pandas", "pyarrow"]
-NOT_ON_BARE = ("verl", "ray", "tensordict", "omegaconf", "hydra", "codetiming", "datasets")
+# beside torch and transformers (and what they install), exactly what the bundle leaves to the machine, Ray excepted
+BARE_PACKAGES = sorted(d for d in gpu_bundle.NOT_CARRIED if d != "ray")
+NOT_ON_BARE = ("verl", "ray", "tensordict", "omegaconf", "hydra", "codetiming", "datasets", "peft", "accelerate",
+               "PIL")
 
 
 def _pypi_reachable() -> str | None:
@@ -122,7 +143,7 @@ def _bare_venv() -> Path:
 
     tf = metadata.version("transformers")
     root = Path(os.environ.get("TBRM_VERL_CACHE") or Path.home() / ".cache" / "tbrm_verl")
-    venv = root / f"bare-gpu-sim-py{PYVER}-torch2.13.0-transformers{tf}-v1"
+    venv = root / f"bare-gpu-sim-py{PYVER}-torch2.13.0-transformers{tf}-{'-'.join(BARE_PACKAGES)}-v2"
     root.mkdir(parents=True, exist_ok=True)
     with open(root / (venv.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -200,7 +221,11 @@ def test_bundle_runs_the_check_offline_on_a_bare_machine(tmp_path):
         "/site/verl/workers/engine/fsdp/transformer_impl.py")
     assert res["imports"]["ray"].startswith("missing") and res["imports"]["engine_import"].startswith("ok")
     assert res["versions"]["verl"] == "0.9.1" and res["versions"]["torch"].startswith("2.13.0")
-    assert res["bundle"]["python"] == str(bare) and "verl" in res["bundle"]["installed"]
+    assert res["bundle"]["python"] == str(bare)
+    # the bare machine lacks every carried distribution: run.sh installed them all, reused none
+    assert set(res["bundle"]["installed"]) == {gpu_bundle._norm(d) for d, _, _ in gpu_bundle.CARRIED}
+    assert res["bundle"]["reused_from_machine"] == {}
+    assert json.loads((bundle / "bundle.json").read_text())["not_carried"] == gpu_bundle.NOT_CARRIED
     assert res["wall_time_s"] <= t_run
     assert not list(tmpdir.glob("tbrm_gpu_check.*"))  # run.sh removed its temporary install
     print(f"bare venv {t_venv:.0f} s, run.sh {t_run:.0f} s (wall_time_s {res['wall_time_s']:.0f}), "

@@ -1,9 +1,11 @@
-"""tbrm_verl.tools.gpu_check on CPU: the same correctness checks the GPU run makes (float32 and bf16, small shapes), plus
-proof that the checks catch the pitfalls they are there for, that verl's own engine methods do the forward, and the
-no-ray import path the GPU machine uses. Nothing here asserts a time. (The offline bundle: tests/tools/test_gpu_bundle.py.)"""
+"""tbrm_verl.tools.gpu_check on CPU: the same correctness checks the GPU run makes (float32 and bf16, small shapes),
+plus proof that the checks catch the pitfalls they are there for, that verl's own engine methods do the forward, and
+the no-ray import path the GPU machine uses (tbrm_verl/tools/bare_imports.py). Nothing here asserts a time. (The
+offline bundle: tests/tools/test_gpu_bundle.py.)"""
 
 import json
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -176,24 +178,33 @@ def _keys(d):
             yield from _keys(v)
 
 
-def test_missing_module_is_one_line_exit_2():
-    """Without tensordict (verl's engine needs it) the check stops at once, names the module and the bundle."""
+@pytest.mark.parametrize("blocked, from_bundle", [("tensordict", False), ("pyarrow", True)])
+def test_missing_module_is_one_line_exit_2(blocked, from_bundle):
+    """Without a module verl's engine needs the check stops at once and names it: run directly, with the install and
+    the bundle as fixes; run by the bundle's run.sh (pyarrow: one it leaves to the machine), with installing it here."""
     script = textwrap.dedent(
-        """
+        f"""
         import sys, importlib.abc
         class Block(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
-                if name.split('.')[0] == 'tensordict':
-                    raise ImportError("No module named 'tensordict'")
+                if name.split('.')[0] == {blocked!r}:
+                    raise ImportError("No module named {blocked!r}")
         sys.meta_path.insert(0, Block())
         from tbrm_verl.tools.gpu_check import main
         sys.exit(main(['--device', 'cpu', '--out', '']))
         """
     )
-    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "TBRM_GPU_CHECK_BUNDLE"}
+    if from_bundle:
+        env["TBRM_GPU_CHECK_BUNDLE"] = "/nonexistent/bundle_install.json"
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stdout + r.stderr[-2000:]
-    assert lines[0].startswith("gpu_check: missing module:") and "tensordict" in lines[0] and "bundle" in lines[0]
+    assert lines[0].startswith("gpu_check: missing module:") and blocked in lines[0]
+    if from_bundle:
+        assert lines[0].endswith("the bundle does not carry it (bundle.json: not_carried): install it on this machine")
+    else:
+        assert 'pip install -e ".[gpu]"' in lines[0] and "python -m tbrm_verl.gpu_check bundle --out DIR" in lines[0]
 
 
 def test_runs_without_ray(tmp_path):
@@ -218,3 +229,4 @@ def test_runs_without_ray(tmp_path):
     res = json.loads(out.read_text())
     assert res["imports"]["ray"].startswith("missing") and res["passed"]
     assert res["imports"]["engine_import"] == "ok (ray stand-in during import)"
+    assert res["imports"]["verl_init"] == "skipped (package __init__ imports ray)"
