@@ -8,20 +8,49 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import get_args
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "hydra_configs"
 CONFIG_NAME = "tbrm_verl"
-TBRM_KEYS = {"enable", "beta", "reference_free", "loss_variant", "loss_scale", "reward_convention", "method", "task",
-             "run_dir", "replay_poll_s"}
-LOSS_VARIANTS = ("tbrm", "brm")
-LOSS_SCALES = ("delta", "beta_delta")
-REWARD_CONVENTIONS = ("zero_one", "plus_minus_one")
+TBRM_KEYS = {"beta", "reference_free", "loss_variant", "loss_scale", "reward_convention"}
+RUN_KEYS = {"dir", "task", "method", "replay_poll_s", "print_config", "progress"}
+METHODS = tuple(sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")))  # the method=... choices
+# Old spellings (tbrm_verl <= the layout issue) -> the new key; None: removed (derived from run.method)
+RENAMED = {"tbrm.run_dir": "run.dir", "tbrm.task": "run.task", "tbrm.method": "run.method",
+           "tbrm.replay_poll_s": "run.replay_poll_s", "tbrm.enable": None}
 
 
 class ConfigError(ValueError):
     """A configuration problem, stated in one line: the key, what is wrong, the fix."""
+
+
+def renamed_message(key: str) -> str:
+    new = RENAMED[key]
+    if new is None:
+        return (f"{key} was removed: the TBRM trainer runs iff run.method=tbrm, which method=tbrm|ppo|grpo sets; "
+                f"drop {key}")
+    section, name = new.split(".")
+    return (f"{key} was renamed {new}: write {new}=... on the command line, or `{section}: {{{name}: ...}}` in a "
+            "config file")
+
+
+def check_renamed_overrides(overrides: list[str]) -> None:
+    """Refuse an old spelling on the command line (Hydra would reject it as an unknown key, without the fix)."""
+    for o in overrides:
+        if not o.startswith("-") and _override_key(o) in RENAMED:
+            raise ConfigError(renamed_message(_override_key(o)))
+
+
+def is_tbrm(cfg: DictConfig) -> bool:
+    """The TBRM trainer and loss are used iff the method is TBRM (PPO/GRPO: verl's own losses)."""
+    return OmegaConf.select(cfg, "run.method") == "tbrm"
+
+
+def _choice(key: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value}: use one of {', '.join(map(str, allowed))}")
 
 
 def register_resolvers() -> None:
@@ -166,6 +195,7 @@ def compose(overrides: list[str] = (), config_name: str = CONFIG_NAME, config_di
     from hydra import initialize_config_dir
 
     register_resolvers()
+    check_renamed_overrides(list(overrides))
     overrides = with_searchpath(with_profile(list(overrides), config_name, config_dirs), config_dirs)
     primary = str(CONFIG_DIR)
     for d in config_dirs:
@@ -189,29 +219,42 @@ def as_list(x) -> list:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError (one line) for the first problem found; return None when the config is usable."""
-    t = cfg.tbrm
-    unknown = sorted(set(t.keys()) - TBRM_KEYS)
-    if unknown:
-        raise ConfigError(
-            f"tbrm.{unknown[0]}: unknown key in the tbrm section; valid keys are {', '.join(sorted(TBRM_KEYS))}"
-        )
+    from tbrm_verl import console
+    from tbrm_verl.loss import choices
+    from tbrm_verl.tasks.math.reward import RewardConvention
+
+    t, run = cfg.tbrm, cfg.run
+    for section, keys in (("tbrm", TBRM_KEYS), ("run", RUN_KEYS)):
+        present = set(cfg.get(section) or {})
+        for key in sorted(present):  # an old spelling in a user's config file (the command line is checked earlier)
+            if f"{section}.{key}" in RENAMED:
+                raise ConfigError(renamed_message(f"{section}.{key}"))
+        unknown = sorted(present - keys)
+        if unknown:
+            raise ConfigError(f"{section}.{unknown[0]}: unknown key in the {section} section; valid keys are "
+                              f"{', '.join(sorted(keys))}")
+    if OmegaConf.select(cfg, "run.method") not in METHODS:
+        raise ConfigError(f"run.method={OmegaConf.select(cfg, 'run.method')}: use one of {', '.join(METHODS)}, "
+                          f"selected with method=... (method/*.yaml sets run.method)")
+    if (run.method == "tbrm") != (cfg.algorithm.adv_estimator == "tbrm"):  # e.g. run.method=grpo typed for method=
+        raise ConfigError(f"run.method={run.method} with algorithm.adv_estimator={cfg.algorithm.adv_estimator}: "
+                          f"select the method with method={run.method}, which sets both")
+    _choice("run.print_config", run.print_config, console.PRINT_CONFIG_CHOICES)
+    _choice("run.progress", run.progress, console.PROGRESS_CHOICES)
     actor = cfg.actor_rollout_ref.actor
     rollout = cfg.actor_rollout_ref.rollout
-    if t.reward_convention not in REWARD_CONVENTIONS:
-        raise ConfigError(f"tbrm.reward_convention={t.reward_convention}: use one of {', '.join(REWARD_CONVENTIONS)}")
+    _choice("tbrm.reward_convention", t.reward_convention, get_args(RewardConvention))
     if not OmegaConf.select(cfg, "actor_rollout_ref.model.path"):
         raise ConfigError(
             "actor_rollout_ref.model.path is not set (task=dapo_math has no default model): launch a recipe "
             "(python -m tbrm_verl.main --config-dir recipes --config-name ...) or set actor_rollout_ref.model.path=..."
         )
 
-    if t.enable:
+    if is_tbrm(cfg):
         if not isinstance(t.beta, (int, float)) or t.beta <= 0:
             raise ConfigError(f"tbrm.beta={t.beta}: β must be > 0 (the target is r/β); the paper uses tbrm.beta=0.002")
-        if t.loss_variant not in LOSS_VARIANTS:
-            raise ConfigError(f"tbrm.loss_variant={t.loss_variant}: use one of {', '.join(LOSS_VARIANTS)}")
-        if t.loss_scale not in LOSS_SCALES:
-            raise ConfigError(f"tbrm.loss_scale={t.loss_scale}: use one of {', '.join(LOSS_SCALES)}")
+        for key in choices():  # the loss config's Literal fields: loss_variant, loss_scale
+            _choice(f"tbrm.{key}", t[key], choices(key))
         if float(rollout.temperature) != 1.0:
             raise ConfigError(
                 f"actor_rollout_ref.rollout.temperature={rollout.temperature}: TBRM reads the logits as soft "
@@ -358,6 +401,6 @@ def finish_config(cfg: DictConfig) -> DictConfig:
         from tbrm_verl.attn import apply_attn_fallback
 
         apply_attn_fallback(cfg)  # GPU without flash-attn: sdpa, said in one line
-        cfg.tbrm.run_dir = os.path.abspath(os.path.expanduser(cfg.tbrm.run_dir))
+        cfg.run.dir = os.path.abspath(os.path.expanduser(cfg.run.dir))
         cfg.trainer.default_local_dir = os.path.abspath(os.path.expanduser(cfg.trainer.default_local_dir))
     return cfg

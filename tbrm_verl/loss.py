@@ -25,22 +25,41 @@ fills:
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["TBRMLossConfig", "tbrm_residual", "brm_residuals", "tbrm_loss", "last_prompt_positions"]
+__all__ = ["TBRMLossConfig", "tbrm_residual", "brm_residuals", "tbrm_loss", "last_prompt_positions", "choices"]
 
 
 @dataclass(frozen=True)
 class TBRMLossConfig:
-    """What the loss needs from the `tbrm:` config section (see hydra_configs/tbrm_verl.yaml for docs)."""
+    """What the loss needs from the `tbrm:` config section (see hydra_configs/tbrm_verl.yaml for docs).
+
+    The Literal types are the valid values (tbrm_verl.config checks the `tbrm:` section against them too)."""
 
     beta: float = 0.002
-    loss_variant: str = "tbrm"  # "tbrm" (one residual per trajectory) or "brm" (classical per-token ablation)
-    loss_scale: str = "delta"  # "delta": δ²; "beta_delta": (β·δ)² (same minimiser, gradients scaled by β²)
+    loss_variant: Literal["tbrm", "brm"] = "tbrm"  # one residual per trajectory, or the classical per-token ablation
+    loss_scale: Literal["delta", "beta_delta"] = "delta"  # δ², or (β·δ)² (same minimiser, gradients scaled by β²)
     reference_free: bool = False
+
+    def __post_init__(self):
+        for name in choices():
+            value, allowed = getattr(self, name), choices(name)
+            if value not in allowed:
+                raise ValueError(f"TBRMLossConfig.{name}={value!r}: not one of {', '.join(map(repr, allowed))}")
+        if not self.beta > 0:  # also refuses NaN
+            raise ValueError(f"TBRMLossConfig.beta={self.beta!r}: β must be > 0 (the target is r/β)")
+
+
+def choices(field: str | None = None):
+    """The allowed values of one enumerated TBRMLossConfig field (its Literal); without a field, the fields' names."""
+    hints = typing.get_type_hints(TBRMLossConfig)
+    literals = {k: typing.get_args(t) for k, t in hints.items() if typing.get_origin(t) is Literal}
+    return tuple(literals) if field is None else literals[field]
 
 
 def tbrm_residual(

@@ -16,6 +16,7 @@ from tbrm_verl.config import (
     CONFIG_DIR,
     CONFIG_NAME,
     ConfigError,
+    check_renamed_overrides,
     primary_config,
     profile_of,
     with_profile,
@@ -42,10 +43,11 @@ def _worker_env() -> dict[str, str]:
     return {k: os.environ[k] for k in keys if k in os.environ}
 
 
-def run(cfg) -> None:
+def run(cfg, overrides: list[str] = (), config_name: str = CONFIG_NAME) -> None:
+    """Check, finish and train `cfg`; `overrides` and `config_name` are only shown (the config summary)."""
     from omegaconf import OmegaConf, open_dict
 
-    from tbrm_verl import report
+    from tbrm_verl import console, report
     from tbrm_verl.config import check_config, check_profile_locally, check_with_verl, finish_config
     from tbrm_verl.tasks.data_check import check_data
 
@@ -56,7 +58,7 @@ def run(cfg) -> None:
     OmegaConf.resolve(cfg)
     check_with_verl(cfg)
     check_data(cfg)
-    os.environ["VERL_FILE_LOGGER_PATH"] = report.rotate_metrics(cfg.tbrm.run_dir)
+    os.environ["VERL_FILE_LOGGER_PATH"] = report.rotate_metrics(cfg.run.dir)
     with open_dict(cfg):  # workers started by an existing Ray cluster (SLURM) do not inherit this shell's env
         ray_init = cfg.ray_kwargs.ray_init
         if os.environ.get("RAY_ADDRESS") or ray_init.get("address"):
@@ -78,7 +80,10 @@ def run(cfg) -> None:
 
     from tbrm_verl.trainer import task_runner_class
 
-    print(f"[tbrm_verl] method={cfg.tbrm.method} task={cfg.tbrm.task} run_dir={cfg.tbrm.run_dir}", flush=True)
+    config_path = console.write_config(cfg, cfg.run.dir)  # verl's TaskRunner prints it only with print_config=full
+    print(f"[tbrm_verl] method={cfg.run.method} task={cfg.run.task} run_dir={cfg.run.dir}", flush=True)
+    print("\n".join(console.config_summary(list(overrides), config_name, config_path, cfg.run.print_config)),
+          flush=True)
     try:
         run_ppo(cfg, task_runner_class=task_runner_class())
     except KeyboardInterrupt:
@@ -91,12 +96,21 @@ def run(cfg) -> None:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    print(report.summarise(cfg.tbrm.run_dir, cfg.trainer.default_local_dir,
+    print(report.summarise(cfg.run.dir, cfg.trainer.default_local_dir,
                            cfg.actor_rollout_ref.rollout.response_length), flush=True)
+
+
+def _config_error(exc: ConfigError) -> SystemExit:
+    print(f"tbrm_verl: config error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
+    return SystemExit(2)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        check_renamed_overrides(argv)  # before Hydra, which would refuse the key without naming its new spelling
+    except ConfigError as exc:
+        raise _config_error(exc)
     if not any(a in ("-h", "--help", "--hydra-help") for a in argv):
         dirs, name = primary_config(argv)
         argv = with_profile(argv, name, dirs)
@@ -111,13 +125,15 @@ def main(argv: list[str] | None = None) -> None:
 
     @hydra.main(config_path=str(CONFIG_DIR), config_name=CONFIG_NAME, version_base=None)
     def _hydra_entry(cfg):
+        from hydra.core.hydra_config import HydraConfig
+
         from tbrm_verl.tasks.reward_guard import user_facing_line
 
+        hydra_cfg = HydraConfig.get()
         try:
-            run(cfg)
+            run(cfg, list(hydra_cfg.overrides.task), hydra_cfg.job.config_name)
         except ConfigError as exc:  # raised here, or in the TaskRunner (then wrapped by Ray: keep the cause's line)
-            print(f"tbrm_verl: config error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
-            raise SystemExit(2)
+            raise _config_error(exc)
         except Exception as exc:
             line = user_facing_line(exc)
             if line is None:

@@ -11,6 +11,10 @@
 What stays verl's: rollout, reward loop, reference log-probs (built only when `tbrm.reference_free=false`),
 checkpointing, resume, validation, logging, metrics (`timing_s/*`, `actor/*`, ...). No critic is built
 (`critic.enable=false`, advantage estimator `tbrm`).
+
+For every method (SyncTrainer, TaskRunner): the replay buffer's poll interval (`run.replay_poll_s`) and the console
+(tbrm_verl/console.py): verl's print of the whole config only with `run.print_config=full`, and one progress line
+per step in place of verl's console metric line unless `run.progress=verbose`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-from tbrm_verl.config import cfg_profile, check_profile_on_cluster
+from tbrm_verl.config import cfg_profile, check_profile_on_cluster, is_tbrm
+from tbrm_verl.console import install_progress
 from tbrm_verl.lean_v import LEAN_V_FLAG
 from tbrm_verl.loss import TBRMLossConfig, tbrm_loss
 
@@ -39,17 +44,31 @@ def loss_config(config) -> TBRMLossConfig:
 
 
 class SyncTrainer(PPOTrainerSync):
-    """verl's sync trainer with the replay buffer's poll interval configurable (`tbrm.replay_poll_s`).
+    """verl's sync trainer with the replay buffer's poll interval configurable (`run.replay_poll_s`) and the compact
+    progress line (`run.progress`).
 
     verl polls for finished rollouts every 2 s (not configurable), which rounds every step's generation time up to
     a multiple of 2 s: negligible on GPUs with minutes-long rollouts, most of a step on the CPU profile. Used for the
-    PPO and GRPO baselines too, so that the methods are timed alike.
+    PPO and GRPO baselines too, so that the methods are timed and shown alike.
     """
 
     def _build_replay_buffer(self):
         buffer = super()._build_replay_buffer()
-        buffer.poll_interval = float(self.config.tbrm.replay_poll_s)
+        buffer.poll_interval = float(self.config.run.replay_poll_s)
         return buffer
+
+    def _compact_progress(self):
+        # verl's fit() builds its Tracking (self.logger) right before the first validation or the training loop
+        if self.config.run.progress == "compact":
+            install_progress(self.logger, self.total_training_steps)
+
+    def on_validate_begin(self):
+        self._compact_progress()
+        super().on_validate_begin()
+
+    def on_train_begin(self):
+        self._compact_progress()
+        super().on_train_begin()
 
 
 class TBRMTrainerSync(SyncTrainer):
@@ -104,7 +123,13 @@ class TBRMTaskRunner(TaskRunnerV1.__ray_actor_class__):
         check_profile_on_cluster(cfg_profile(config), ray.nodes())
         # verl's registry refuses re-registration of a name; the mode name stays `sync` on purpose (the string
         # switches replay-buffer and checkpoint behaviour), so the entry is replaced directly.
-        trainer_base.TRAINER_REGISTRY["sync"] = TBRMTrainerSync if config.tbrm.enable else SyncTrainer
+        trainer_base.TRAINER_REGISTRY["sync"] = TBRMTrainerSync if is_tbrm(config) else SyncTrainer
+        if config.run.print_config != "full":
+            # verl's run() pprints the whole resolved config (~900 lines; `pprint` serves nothing else in that
+            # module); the driver wrote it to <run.dir>/config.yaml instead. This process is the TaskRunner's own.
+            from verl.trainer import main_ppo
+
+            main_ppo.pprint = lambda *args, **kwargs: None
         return super().run(config)
 
 

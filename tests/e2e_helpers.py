@@ -157,7 +157,7 @@ class RunResult:
 
 
 def run_main(run_dir: str, overrides: list[str], timeout_s: float = 600.0, leftover_grace_s: float = 20.0) -> RunResult:
-    """Run `python -m tbrm_verl.main tbrm.run_dir=run_dir *overrides` to completion, one process session of its own.
+    """Run `python -m tbrm_verl.main run.dir=run_dir *overrides` to completion, one process session of its own.
 
     On return no process of the run is alive: anything found after the CLI exited (plus `leftover_grace_s` for
     processes already shutting down) is recorded in `leftovers`, then killed. On timeout everything is killed.
@@ -175,7 +175,7 @@ def run_main(run_dir: str, overrides: list[str], timeout_s: float = 600.0, lefto
         "VERL_LOGGING_LEVEL": "INFO",  # the tests read verl's INFO lines (worker groups built, resume)
     })
     env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
-    argv = [PYTHON, "-m", "tbrm_verl.main", f"tbrm.run_dir={run_dir}", *overrides]
+    argv = [PYTHON, "-m", "tbrm_verl.main", f"run.dir={run_dir}", *overrides]
     log_path = os.path.join(run_dir, f"stdout.{len(glob.glob(os.path.join(run_dir, 'stdout.*.log')))}.log")
     t0 = time.time()
     timed_out = False

@@ -54,7 +54,7 @@ def work_overrides(paths: dict, size: WorkSize, micro_batch: int = 1) -> list[st
         f"critic.forward_micro_batch_size_per_gpu={micro_batch}",
         "reward.custom_reward_function.path=pkg://tbrm_verl.tools.work_assets",
         "reward.custom_reward_function.name=compute_score",
-        "tbrm.task=bench_work",
+        "run.task=bench_work",
     ]
 
 
@@ -70,7 +70,7 @@ def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common
     run_dir = os.path.join(out_dir, name)
     args = [sys.executable, "-m", "tbrm_verl.main", *overrides, f"trainer.total_training_steps={steps}",
             "trainer.save_freq=-1", "trainer.test_freq=-1", "trainer.val_before_train=false",
-            "trainer.resume_mode=disable", f"tbrm.run_dir={run_dir}", *common]
+            "trainer.resume_mode=disable", f"run.dir={run_dir}", *common]
     os.makedirs(run_dir, exist_ok=True)
     print(f"[bench] {name}: {' '.join(args[3:])}", flush=True)
     start = time.time()

@@ -95,7 +95,7 @@ def run_one(method: str, seed: int, n_steps: int, args, extra: list[str], out_di
     cmd = [sys.executable, "-m", "tbrm_verl.main", *METHODS[method], *seed_overrides(seed),
            f"trainer.total_training_steps={n_steps}", f"trainer.save_freq={save_freq}", "trainer.resume_mode=auto",
            "trainer.max_actor_ckpt_to_keep=1", "trainer.max_critic_ckpt_to_keep=1",
-           f"tbrm.run_dir={run_dir}", *extra]
+           f"run.dir={run_dir}", *extra]
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=out_dir, start_new_session=True)

@@ -35,8 +35,10 @@ MARKERS = [
     ("setup", r"create worker group"),
     ("workers", r"model engine initialized"),
     ("rollout", r"ready to fit"),
-    ("val_0", r"Initial validation metrics|step:1 - "),
+    ("val_0", r"Initial validation metrics|\bstep:1(?:/\d+)? "),
 ]
+# a step's console line: tbrm_verl's progress line `step:N/T reward=...`, or verl's `step:N - key:value - ...`
+STEP_LINE = re.compile(r"\bstep:(\d+)(?:/\d+)? ")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
@@ -47,7 +49,7 @@ def phases(stamped: list[tuple[float, str]], exit_s: float) -> dict:
         while i < len(MARKERS) and re.search(MARKERS[i][1], line):
             ends[MARKERS[i][0]] = t
             i += 1
-    steps = [(t, int(m.group(1))) for t, line in stamped if (m := re.search(r"\bstep:(\d+) - ", line))]
+    steps = [(t, int(m.group(1))) for t, line in stamped if (m := STEP_LINE.search(line))]
     steps = [(t, s) for t, s in steps if s > 0]
     out, prev = {}, 0.0
     for name, _ in MARKERS:

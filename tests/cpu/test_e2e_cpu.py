@@ -45,6 +45,9 @@ COMMON = [
 TBRM_N1 = ["actor_rollout_ref.rollout.n=1"]
 
 WORKER_GROUPS_RE = re.compile(r"create worker group dict_keys\(\[([^\]]*)\]\)")
+# the default console's progress line (tbrm_verl/console.py), after Ray's `(TBRMTaskRunner pid=N)` prefix
+PROGRESS_RE = re.compile(r"^(?:\([^)]*\) )?step:(\d+)/(\d+) reward=", re.MULTILINE)
+ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")  # Ray colours its prefixes
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -130,7 +133,22 @@ def check_ok(res: H.RunResult, metrics_file: str = "metrics.jsonl") -> dict[int,
         f"{p.pid} {p.cmd[:100]}" for p in res.leftovers)
     path = os.path.join(res.run_dir, metrics_file)
     assert os.path.exists(path), res.describe()
-    return H.load_metrics(path)
+    metrics = H.load_metrics(path)
+    check_console(res, metrics)
+    return metrics
+
+
+def check_console(res: H.RunResult, metrics: dict[int, dict]) -> None:
+    """The default console: one `step:N/T` line per training step logged, verl's full config print replaced by the
+    command's overrides and the path of <run.dir>/config.yaml (which holds that config)."""
+    log = ANSI_RE.sub("", res.log)
+    lines = [(int(n), int(t)) for n, t in PROGRESS_RE.findall(log)]
+    assert [n for n, _ in lines] == [s for s, d in metrics.items() if "timing_s/step" in d], log[-3000:]
+    assert len({t for _, t in lines}) == 1, lines  # T: the run's total_training_steps
+    assert "'actor_rollout_ref': {" not in log  # verl's pprint of the resolved config
+    assert re.search(r"^\[tbrm_verl\] config tbrm_verl, overrides: .*run\.dir=", log, re.MULTILINE), log[:3000]
+    config_yaml = os.path.join(res.run_dir, "config.yaml")
+    assert f"full resolved config: {config_yaml}" in log and os.path.getsize(config_yaml) > 0
 
 
 def worker_groups(log: str) -> list[str]:

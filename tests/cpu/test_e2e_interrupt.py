@@ -32,7 +32,7 @@ def _kill(pids):
 def test_ctrl_c_keeps_last_checkpoint_and_resume_picks_it_up(tmp_path):
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
-    args = [sys.executable, "-m", "tbrm_verl.main", f"tbrm.run_dir={run_dir}", "data.train_batch_size=8",
+    args = [sys.executable, "-m", "tbrm_verl.main", f"run.dir={run_dir}", "data.train_batch_size=8",
             "actor_rollout_ref.rollout.n=2", "trainer.save_freq=2"]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(args + ["trainer.total_training_steps=40"], cwd=tmp_path, stdout=log,

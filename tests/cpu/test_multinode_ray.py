@@ -227,7 +227,7 @@ def test_two_ray_nodes_two_fsdp_ranks(cluster):
     cmd = [PY, "-m", "tbrm_verl.main", "profile=cpu", "trainer.nnodes=2", "trainer.n_gpus_per_node=1",
            "trainer.total_training_steps=2", "trainer.save_freq=-1", "trainer.test_freq=-1",
            "trainer.val_before_train=false",
-           f"tbrm.run_dir={run_dir}", *TWO_RANK_OVERRIDES]
+           f"run.dir={run_dir}", *TWO_RANK_OVERRIDES]
     t1 = time.time()
     log = cluster.root / "train.log"
     with open(log, "w") as f:
@@ -271,7 +271,7 @@ def test_profile_mismatch_on_a_cluster_is_one_line(accelerator, args, profile):
     with _loopback_cluster(1, resources=resources) as c:
         c.wait_for_nodes(1)
         env = {**c.env, "RAY_ADDRESS": c.address}
-        r = subprocess.run([PY, "-m", "tbrm_verl.main", *args, f"tbrm.run_dir={c.root / 'run'}"], env=env,
+        r = subprocess.run([PY, "-m", "tbrm_verl.main", *args, f"run.dir={c.root / 'run'}"], env=env,
                            cwd=c.root, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
     assert r.returncode == 2, r.stderr[-4000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("tbrm_verl: config error:")]

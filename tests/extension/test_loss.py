@@ -301,6 +301,37 @@ def test_beta_delta_scale_is_beta_squared():
     assert l2.item() == pytest.approx(l1.item() * 0.05**2, rel=1e-6)
 
 
+@pytest.mark.parametrize("field, bad, allowed", [
+    ("loss_variant", "pairwise", "'tbrm', 'brm'"),
+    ("loss_scale", "beta", "'delta', 'beta_delta'"),
+])
+def test_config_refuses_a_value_outside_its_literal_in_one_line(field, bad, allowed):
+    with pytest.raises(ValueError) as err:
+        TBRMLossConfig(**{field: bad})
+    assert str(err.value) == f"TBRMLossConfig.{field}='{bad}': not one of {allowed}"
+
+
+@pytest.mark.parametrize("beta", [0.0, -0.1, float("nan")])
+def test_config_refuses_a_non_positive_beta(beta):
+    with pytest.raises(ValueError, match="TBRMLossConfig.beta"):
+        TBRMLossConfig(beta=beta)
+
+
+def test_config_checks_take_the_values_from_the_loss_literals():
+    """One source of truth: the launcher's check of the tbrm: section lists exactly the Literal's values."""
+    from tbrm_verl.config import ConfigError, check_config, compose
+    from tbrm_verl.loss import choices
+
+    assert choices() == ("loss_variant", "loss_scale")
+    assert choices("loss_variant") == ("tbrm", "brm") and choices("loss_scale") == ("delta", "beta_delta")
+    for field in choices():
+        for value in choices(field):
+            TBRMLossConfig(**{field: value})  # every allowed value constructs
+        with pytest.raises(ConfigError) as err:
+            check_config(compose(["profile=cpu", f"tbrm.{field}=other"]))
+        assert str(err.value) == f"tbrm.{field}=other: use one of {', '.join(choices(field))}"
+
+
 def test_loss_without_logits_hook_fails_clearly():
     b = _make_batch()
     data = _td(b, list(range(6)), 1, 6)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from verl.trainer.ppo.utils import need_critic, need_reference_policy
 from verl.utils.config import omega_conf_to_dataclass
 
-from tbrm_verl.config import ConfigError, check_config, check_with_verl, compose, finish_config
+from tbrm_verl.config import RENAMED, ConfigError, check_config, check_with_verl, compose, finish_config
 
 
 def _compose(*overrides):
@@ -87,6 +87,11 @@ BAD = [
     (["algorithm.use_kl_in_reward=true"], "algorithm.use_kl_in_reward=true"),
     (["algorithm.rollout_correction.bypass_mode=false"], "algorithm.rollout_correction.bypass_mode=false"),
     (["actor_rollout_ref.actor.strategy=megatron"], "actor_rollout_ref.actor.strategy=megatron"),
+    (["tbrm.loss_scale=beta"], "tbrm.loss_scale=beta"),
+    (["run.progress=fancy"], "run.progress=fancy"),
+    (["run.print_config=all"], "run.print_config=all"),
+    (["+run.verbose=true"], "run.verbose"),
+    (["run.method=grpo"], "run.method=grpo"),  # the name alone, without method=grpo's settings
 ]
 
 
@@ -103,10 +108,68 @@ def test_bad_config_is_one_line_naming_the_key(overrides, key):
 @pytest.mark.parametrize("overrides, key", [BAD[0], BAD[8], BAD[13]])
 def test_cli_prints_one_line_and_exits_2(overrides, key, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "tbrm_verl.main", *overrides, f"tbrm.run_dir={tmp_path}/run"],
+        [sys.executable, "-m", "tbrm_verl.main", *overrides, f"run.dir={tmp_path}/run"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tbrm_verl: config error:")]
     assert len(errors) == 1 and key in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------- old spellings (before the run: section)
+
+OLD = [("tbrm.run_dir", "/tmp/x", "run.dir"), ("tbrm.task", "mine", "run.task"),
+       ("tbrm.method", "grpo", "run.method"), ("tbrm.replay_poll_s", "0.5", "run.replay_poll_s"),
+       ("tbrm.enable", "false", None)]
+
+
+def test_old_spellings_are_all_listed():
+    assert {old: new for old, _, new in OLD} == RENAMED
+
+
+@pytest.mark.parametrize("old, value, new", OLD)
+@pytest.mark.parametrize("prefix", ["", "+"])
+def test_old_spelling_on_the_command_line_names_the_new_one(old, value, new, prefix):
+    with pytest.raises(ConfigError) as err:
+        _compose(f"{prefix}{old}={value}")
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{old} was ")
+    assert f"renamed {new}:" in msg if new else "removed" in msg and "run.method=tbrm" in msg
+
+
+@pytest.mark.parametrize("old, value, new", OLD)
+def test_old_spelling_in_a_users_config_file_names_the_new_one(old, value, new, tmp_path):
+    section, key = old.split(".")
+    (tmp_path / "mine.yaml").write_text(f"defaults:\n  - tbrm_verl\n  - _self_\n{section}:\n  {key}: {value}\n")
+    cfg = compose(["profile=cpu"], config_name="mine", config_dirs=[str(tmp_path)])
+    with pytest.raises(ConfigError) as err:
+        check_config(cfg)
+    assert str(err.value).startswith(f"{old} was ") and (new is None or f"renamed {new}:" in str(err.value))
+
+
+def test_cli_old_spelling_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "tbrm_verl.main", f"tbrm.run_dir={tmp_path}/run"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines() == [
+        "tbrm_verl: config error: tbrm.run_dir was renamed run.dir: write run.dir=... on the command line, or "
+        "`run: {dir: ...}` in a config file"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_beta_is_set_once_and_derived_keys_follow_the_method():
+    """β comes from the base file (the embedded task's tuning overrides it); run.method alone selects the trainer."""
+    import yaml
+
+    from tbrm_verl.config import CONFIG_DIR, is_tbrm
+
+    def sets_beta(path):
+        return "beta" in ((yaml.safe_load(path.read_text()) or {}).get("tbrm") or {})
+
+    assert [p.relative_to(CONFIG_DIR).as_posix() for p in sorted(CONFIG_DIR.rglob("*.yaml")) if sets_beta(p)] == [
+        "task_method/embedded_tbrm.yaml", "tbrm_verl.yaml"]
+    for method in ("tbrm", "ppo", "grpo"):
+        cfg = _compose(f"method={method}")
+        assert cfg.run.method == method and is_tbrm(cfg) is (method == "tbrm") and "enable" not in cfg.tbrm
+        assert cfg.trainer.experiment_name == f"embedded_arith_{method}"

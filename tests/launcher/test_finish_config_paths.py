@@ -20,7 +20,7 @@ def test_relative_data_dir_model_and_reward_become_absolute(tmp_path, monkeypatc
     monkeypatch.chdir(launch)
     monkeypatch.setenv("TBRM_DATA_DIR", "mydata")  # relative, as `export TBRM_DATA_DIR=data` would be
     cfg = compose(["profile=cpu", "task=dapo_math", "method=ppo", "actor_rollout_ref.model.path=models/tiny",
-                   "reward.custom_reward_function.path=my_reward.py", "tbrm.run_dir=runs/x"])
+                   "reward.custom_reward_function.path=my_reward.py", "run.dir=runs/x"])
     cfg = finish_config(cfg)
 
     # elsewhere (another node): another directory, another environment; the paths must not move
@@ -33,7 +33,7 @@ def test_relative_data_dir_model_and_reward_become_absolute(tmp_path, monkeypatc
     assert cfg.actor_rollout_ref.model.path == str(launch / "models" / "tiny")
     assert cfg.critic.model.path == str(launch / "models" / "tiny")  # PPO's critic starts from the actor
     assert cfg.reward.custom_reward_function.reward_kwargs.tbrm_fn_path == str(launch / "my_reward.py")
-    assert cfg.tbrm.run_dir == str(launch / "runs" / "x")
+    assert cfg.run.dir == str(launch / "runs" / "x")
     assert cfg.trainer.default_local_dir == str(launch / "runs" / "x" / "checkpoints")
 
 

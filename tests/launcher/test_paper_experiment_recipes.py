@@ -15,7 +15,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tbrm_verl.config import ConfigError, check_config, compose
+from tbrm_verl.config import ConfigError, check_config, compose, is_tbrm
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -85,13 +85,13 @@ def test_recipe_composes_checks_and_has_the_papers_settings(name, data_dir, monk
     assert d.max_response_length == MAX_RESPONSE and d.max_prompt_length == MAX_PROMPT
     assert r.temperature == TEMPERATURE
     assert t.experiment_name == name
-    assert cfg.tbrm.task == task and cfg.tbrm.method == method
+    assert cfg.run.task == task and cfg.run.method == method
     assert prompts // a.ppo_mini_batch_size * a.ppo_epochs == updates
     if method == "tbrm":
-        assert cfg.tbrm.enable is True and cfg.tbrm.beta == TBRM_BETA and cfg.tbrm.reference_free is False
+        assert is_tbrm(cfg) and cfg.tbrm.beta == TBRM_BETA and cfg.tbrm.reference_free is False
         assert a.optim.lr == TBRM_LR and a.use_kl_loss is True and cfg.algorithm.adv_estimator == "tbrm"
     else:
-        assert cfg.tbrm.enable is False and cfg.algorithm.adv_estimator == "grpo"
+        assert not is_tbrm(cfg) and cfg.algorithm.adv_estimator == "grpo"
         assert a.optim.lr == GRPO_LR and a.use_kl_loss is True and a.kl_loss_coef == GRPO_KL
         assert a.clip_ratio == a.clip_ratio_low == a.clip_ratio_high == GRPO_CLIP
     vk = r.val_kwargs
@@ -130,4 +130,4 @@ def test_launch_command_composes(data_dir):
                           text=True, timeout=300, env={**os.environ, "TBRM_DATA_DIR": str(data_dir)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = yaml.safe_load(proc.stdout)
-    assert cfg["tbrm"]["task"] == "reasoning_gym" and cfg["trainer"]["experiment_name"] == name
+    assert cfg["run"]["task"] == "reasoning_gym" and cfg["trainer"]["experiment_name"] == name

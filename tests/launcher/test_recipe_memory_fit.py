@@ -83,7 +83,7 @@ def _check_translation(cfg, st: cm.Setting) -> None:
     assert w.rollout_tp == sel("actor_rollout_ref.rollout.tensor_model_parallel_size")
     assert w.free_cache_engine == sel("actor_rollout_ref.rollout.free_cache_engine")
     assert m.n == sel("actor_rollout_ref.rollout.n")
-    is_tbrm = sel("tbrm.method") == "tbrm"
+    is_tbrm = sel("run.method") == "tbrm"
     assert m.old_log_prob is (not is_tbrm)
     assert m.reference is bool(sel("actor_rollout_ref.actor.use_kl_loss") or sel("algorithm.use_kl_in_reward"))
     assert m.critic is bool(sel("critic.enable"))

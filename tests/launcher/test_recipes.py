@@ -17,7 +17,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from tbrm_verl.config import CONFIG_DIR, check_config, compose, register_resolvers, with_profile
+from tbrm_verl.config import CONFIG_DIR, check_config, compose, is_tbrm, register_resolvers, with_profile
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
@@ -147,7 +147,7 @@ def test_launch_command_composes():
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = yaml.safe_load(proc.stdout)
     assert cfg["actor_rollout_ref"]["model"]["path"] == MODELS["1.5b"]
-    assert cfg["tbrm"]["task"] == "dapo_math" and cfg["tbrm"]["method"] == "tbrm"
+    assert cfg["run"]["task"] == "dapo_math" and cfg["run"]["method"] == "tbrm"
     assert cfg["trainer"]["experiment_name"] == name
 
 
@@ -210,14 +210,14 @@ def test_recipe_composes_checks_and_has_paper_hyperparameters(name, data_dir, mo
     assert r.temperature == TEMPERATURE
     assert t.total_training_steps == STEPS
     assert r.n == n
-    assert cfg.tbrm.task == "dapo_math" and cfg.tbrm.method == method
+    assert cfg.run.task == "dapo_math" and cfg.run.method == method
     assert t.experiment_name == name  # one run directory per recipe: runs never resume from each other
     assert d.train_files == str(data_dir / TRAIN_FILE)
     assert list(d.val_files) == [str(data_dir / f"{s}.parquet") for s in EVAL_SETS]
     assert t.val_before_train is True and 0 < t.test_freq <= STEPS and 0 < t.save_freq <= STEPS
 
     if method == "tbrm":
-        assert cfg.tbrm.enable is True
+        assert is_tbrm(cfg)
         assert cfg.tbrm.beta == TBRM_BETA
         assert cfg.tbrm.reference_free is ref_free
         lr = TBRM_LR_7B_N1 if (size == "7b" and n == 1) else TBRM_LR
@@ -227,7 +227,7 @@ def test_recipe_composes_checks_and_has_paper_hyperparameters(name, data_dir, mo
         assert a.use_kl_loss is (not ref_free)  # verl builds the reference model only with this flag
         assert cfg.algorithm.adv_estimator == "tbrm"
     elif method == "ppo":
-        assert cfg.tbrm.enable is False
+        assert not is_tbrm(cfg)
         assert cfg.algorithm.adv_estimator == "gae" and cfg.critic.enable is True
         assert a.optim.lr == PPO_ACTOR_LR and cfg.critic.optim.lr == PPO_CRITIC_LR
         assert a.use_kl_loss is True and a.kl_loss_coef == PPO_KL
@@ -237,7 +237,7 @@ def test_recipe_composes_checks_and_has_paper_hyperparameters(name, data_dir, mo
         # 7B: actor and critic of 7B on 4x 80 GB need the critic's Adam state on the host (test_recipe_memory_fit)
         assert cfg.critic.fsdp.optimizer_offload is (size == "7b")
     else:
-        assert cfg.tbrm.enable is False
+        assert not is_tbrm(cfg)
         assert cfg.algorithm.adv_estimator == "grpo" and cfg.critic.enable is False
         assert a.optim.lr == GRPO_LR
         assert a.use_kl_loss is True and a.kl_loss_coef == GRPO_KL

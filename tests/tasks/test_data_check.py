@@ -57,7 +57,7 @@ def test_schema_less_and_corrupt_files(tmp_path):
 def test_cli_refuses_bad_data_in_one_line(tmp_path):
     bad = _write(tmp_path, [_row(), _row(content="")], "bad.parquet")
     proc = subprocess.run(
-        [sys.executable, "-m", "tbrm_verl.main", f"data.train_files={bad}", f"tbrm.run_dir={tmp_path}/run"],
+        [sys.executable, "-m", "tbrm_verl.main", f"data.train_files={bad}", f"run.dir={tmp_path}/run"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]

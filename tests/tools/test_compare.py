@@ -22,7 +22,7 @@ class FakeRun:
         steps = int(kv["trainer.total_training_steps"])
         seed = int(kv["data.seed"])
         n = int(kv["actor_rollout_ref.rollout.n"])
-        with open(f"{kv['tbrm.run_dir']}/metrics.jsonl", "w") as f:
+        with open(f"{kv['run.dir']}/metrics.jsonl", "w") as f:
             f.write(json.dumps({"step": 0, "data": {"val-core/t/acc/mean@1": 0.4}}) + "\n")
             for s in range(1, steps + 1):
                 data = {"critic/score/mean": reward(seed, n, s), "timing_s/step": 1.0 + n}

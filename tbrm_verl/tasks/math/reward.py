@@ -51,10 +51,11 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, get_args
 
 __all__ = [
     "CONVENTIONS",
+    "RewardConvention",
     "RewardPoolStartError",
     "MAX_ANSWER_CHARS",
     "MAX_RESPONSE_CHARS",
@@ -68,11 +69,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: The valid values of `tbrm.reward_convention` (tbrm_verl.config checks the config against this Literal).
+RewardConvention = Literal["zero_one", "plus_minus_one"]
 CONVENTIONS: dict[str, tuple[float, float]] = {
     # name: (score if wrong, score if correct)
     "zero_one": (0.0, 1.0),
     "plus_minus_one": (-1.0, 1.0),
 }
+assert tuple(CONVENTIONS) == get_args(RewardConvention)
 
 #: Only the last this-many characters of a response are searched for the boxed answer.
 MAX_RESPONSE_CHARS = 10_000
@@ -500,7 +504,7 @@ def compute_score(
     solution_str: Any = None,
     ground_truth: Any = None,
     extra_info: Any = None,
-    convention: str = "zero_one",
+    convention: RewardConvention = "zero_one",
     timeout_s: float = 5.0,
     **kwargs: Any,
 ) -> float:
