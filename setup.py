@@ -45,7 +45,7 @@ setup(
         # The Table 4 tasks (python -m tbrm_verl.data reasoning_gym, tbrm_verl/tasks/reasoning_gym/reward.py). Pinned: its
         # generators define which problems a seed gives. Pure Python; in `test` too, so that CI tests the tasks.
         "reasoning_gym": ["reasoning-gym==0.1.25"],
-        "test": ["pytest>=8", "reasoning-gym==0.1.25"],
+        "test": ["pytest>=8", "reasoning-gym==0.1.25", "ruff==0.17.6"],  # ruff: tests/test_repo_hygiene.py (ruff.toml)
     },
     entry_points={
         # verl imports every `verl.plugins` entry point in each of its processes: this registers the CPU platform,

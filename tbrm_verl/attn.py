@@ -39,7 +39,7 @@ def flash_attn_problem() -> str | None:
         return "not installed"
     try:
         importlib.import_module("flash_attn")
-    except Exception as exc:  # a build for another torch/CUDA fails here: undefined symbol, missing libcudart, ...
+    except Exception as exc:  # a build for another torch/CUDA fails here: undefined symbol, missing libcudart, ...  # noqa: BLE001
         msg = " ".join(str(exc).split())
         msg = msg if len(msg) <= 160 else msg[:157] + "..."
         return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__

@@ -1,4 +1,4 @@
-"""`python -m tbrm_verl.bench`: entry point kept at its public name; the tool lives in `tbrm_verl.tools.bench`."""
+"""`python -m tbrm_verl.bench`: public entry point; the tool lives in `tbrm_verl.tools.bench`."""
 
 from tbrm_verl.tools.bench import main
 

@@ -1,4 +1,4 @@
-"""`python -m tbrm_verl.check_gpu_install`: entry point kept at its public name; the tool lives in `tbrm_verl.tools.check_gpu_install`."""
+"""`python -m tbrm_verl.check_gpu_install`: public entry point; the tool lives in `tbrm_verl.tools.check_gpu_install`."""
 
 from tbrm_verl.tools.check_gpu_install import main
 

@@ -1,4 +1,4 @@
-"""`python -m tbrm_verl.compare`: entry point kept at its public name; the tool lives in `tbrm_verl.tools.compare`."""
+"""`python -m tbrm_verl.compare`: public entry point; the tool lives in `tbrm_verl.tools.compare`."""
 
 from tbrm_verl.tools.compare import main
 

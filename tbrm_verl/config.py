@@ -299,7 +299,8 @@ def check_config(cfg: DictConfig) -> None:
                 "recomputes old log-probs unless bypassed; set algorithm.rollout_correction.bypass_mode=true"
             )
         if cfg.trainer.v1.trainer_mode != "sync":
-            raise ConfigError(f"trainer.v1.trainer_mode={cfg.trainer.v1.trainer_mode}: TBRM's trainer is the sync one; set trainer.v1.trainer_mode=sync")
+            raise ConfigError(f"trainer.v1.trainer_mode={cfg.trainer.v1.trainer_mode}: TBRM's trainer is the sync one; "
+                              "set trainer.v1.trainer_mode=sync")
         if cfg.critic.enable:
             raise ConfigError("critic.enable=true: TBRM has no critic; set critic.enable=false")
 

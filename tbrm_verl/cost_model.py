@@ -1,4 +1,4 @@
-"""`python -m tbrm_verl.cost_model`: entry point kept at its public name; the tool lives in `tbrm_verl.tools.cost_model`."""
+"""`python -m tbrm_verl.cost_model`: public entry point; the tool lives in `tbrm_verl.tools.cost_model`."""
 
 from tbrm_verl.tools.cost_model import main
 

@@ -24,7 +24,6 @@ def _register_rollout() -> None:
 
 def _register_adv_estimator() -> None:
     import torch
-
     from verl.trainer.ppo.core_algos import ADV_ESTIMATOR_REGISTRY, register_adv_est
 
     if "tbrm" in ADV_ESTIMATOR_REGISTRY:

@@ -1,4 +1,4 @@
-"""`python -m tbrm_verl.startup`: entry point kept at its public name; the tool lives in `tbrm_verl.tools.startup`."""
+"""`python -m tbrm_verl.startup`: public entry point; the tool lives in `tbrm_verl.tools.startup`."""
 
 from tbrm_verl.tools.startup import main
 

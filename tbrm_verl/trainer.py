@@ -22,7 +22,6 @@ from __future__ import annotations
 from functools import partial
 
 import ray
-
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync

@@ -27,7 +27,6 @@ from typing import Any, Optional
 
 import ray
 import torch
-
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
@@ -86,7 +85,6 @@ class CPURolloutServer:
 
     def __init__(self, config, model_config, replica_rank: int = 0, num_threads: int | None = None):
         from transformers import AutoModelForCausalLM
-
         from verl.utils.config import omega_conf_to_dataclass
         from verl.workers.config import HFModelConfig
 
@@ -168,7 +166,7 @@ class CPURolloutServer:
             batch, self._pending = self._pending, []
             try:
                 results = await asyncio.to_thread(self._generate_batch, batch)
-            except Exception as exc:  # every waiting request gets the error, none hangs
+            except Exception as exc:  # every waiting request gets the error, none hangs  # noqa: BLE001
                 for req in batch:
                     if not req.future.done():
                         req.future.set_exception(exc)
@@ -333,7 +331,6 @@ class CPUServerAdapter(BaseRollout):
     @torch.no_grad()
     async def update_weights(self, weights, global_steps: int = None, **kwargs):
         from torch.distributed.tensor import DTensor
-
         from verl.workers.rollout.utils import ensure_async_iterator
 
         # Every rank must walk the whole iterator: materialising sharded tensors is collective.

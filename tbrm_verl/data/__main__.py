@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tbrm_verl.tasks.reasoning_gym import data as rg
 from tbrm_verl.tasks.math.prep import (
     DEFAULT_TEMPLATE,
     DEFAULT_TRAIN_SOURCE,
@@ -18,6 +17,7 @@ from tbrm_verl.tasks.math.prep import (
     build_eval,
     build_train,
 )
+from tbrm_verl.tasks.reasoning_gym import data as rg
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""``python -m tbrm_verl.eval``: the paper's evaluation protocol (arXiv 2505.15311 §5, spec §2) and its Table 1.
+"""``python -m tbrm_verl.eval``: the paper's evaluation protocol (arXiv 2505.15311 §5, docs/paper.md §2) and its Table 1.
 
 Evaluate a model on the six evaluation parquets written by ``python -m tbrm_verl.data eval``::
 

@@ -45,7 +45,7 @@ def _stop_token_ids(tokenizer, model_path: str, im_end_stop: bool) -> list[int]:
         for e in g if isinstance(g, (list, tuple)) else [g]:
             if e is not None:
                 ids.add(int(e))
-    except Exception:  # no generation_config.json
+    except Exception:  # no generation_config.json  # noqa: BLE001
         pass
     if im_end_stop and IM_END in tokenizer.get_vocab():
         ids.add(int(tokenizer.convert_tokens_to_ids(IM_END)))
@@ -193,7 +193,7 @@ def _vllm_usable() -> bool:
         import torch
 
         return torch.cuda.is_available()
-    except Exception:
+    except Exception:  # noqa: BLE001
         return False
 
 

@@ -1,4 +1,4 @@
-"""The paper's evaluation protocol (arXiv 2505.15311 §5, spec §2): the evaluation sets, scoring, the ``run`` results.
+"""The paper's evaluation protocol (arXiv 2505.15311 §5, docs/paper.md §2): the evaluation sets, scoring, the ``run`` results.
 
 AIME24, AIME25, AMC23: k = 32 samples per problem at temperature 1.0, reported as ``avg@32`` = the mean over problems
 of the fraction of the 32 samples that are correct (mean accuracy, NOT pass@k); MATH500, Minerva, OlympiadBench: one

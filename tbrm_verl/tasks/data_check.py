@@ -74,7 +74,7 @@ def check_data(cfg) -> None:
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.actor_rollout_ref.model.path, trust_remote_code=False)
-        except Exception:
+        except Exception:  # noqa: BLE001
             tokenizer = None  # a hub id not cached locally: verl will load it later; skip the length check
     for key in ("data.train_files", "data.val_files"):
         for path in as_list(OmegaConf.select(cfg, key)):

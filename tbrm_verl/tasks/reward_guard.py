@@ -34,7 +34,7 @@ def guarded_score(data_source=None, solution_str=None, ground_truth=None, extra_
     try:
         out = fn(data_source=data_source, solution_str=solution_str, ground_truth=ground_truth,
                  extra_info=extra_info, **kwargs)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001
         raise RewardFunctionError(
             f"{MARKER} {where} raised {type(exc).__name__}: {exc} (data_source={data_source}); fix the reward "
             "function and rerun to resume from the last checkpoint"

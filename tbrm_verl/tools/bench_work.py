@@ -26,7 +26,6 @@ from dataclasses import asdict
 from tbrm_verl.tools.work_assets import SIZES, WorkSize, ensure_work_assets
 from tbrm_verl.tools.work_memory import TRAIN_STATE_ROLES, worker_memory
 
-
 # ---------------------------------------------------------------------------------------------------- the bench
 
 # from the project's cost issue, for this setting: step time vs PPO n=1 and GRPO n=4, training-state memory vs PPO
@@ -277,10 +276,9 @@ def cost_model_comparison(doc: dict, bench_path: str) -> tuple[dict, str]:
     """The cost model's prediction for this setting (tbrm_verl.tools.cost_model.compare_with_bench on bench.json, plus the
     training-state memory, which compare_with_bench does not read) beside the measurement; gaps > GAP flagged."""
     import io
+    from dataclasses import replace
 
     from tbrm_verl.tools import cost_model as cm
-
-    from dataclasses import replace
 
     s = doc["setting"]
     # the model's own measured forward rate is the achieved rate cpu_hardware asks for (the matmul rate without it);

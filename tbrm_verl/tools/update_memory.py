@@ -152,8 +152,9 @@ class PeakBytes:
 def measure(tokens: int = 4096, n_seqs: int = 8, vocab: int = QWEN_VOCAB, hidden: int = 64, layers: int = 2,
             tie: bool = True) -> dict:
     _select_platform()
-    import torch
     import warnings
+
+    import torch
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

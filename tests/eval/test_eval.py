@@ -24,7 +24,7 @@ from tbrm_verl.eval.protocol import _parse_per_set, set_settings
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--backend", "hf", "--max-new-tokens", "12", "--threads", "1", "--batch-size", "32"]
 
-# Table 1 (spec §2), copied by hand: model -> method -> (six scores, mean)
+# Table 1 (docs/paper.md §2), copied by hand: model -> method -> (six scores, mean)
 PAPER = {
     "1.5B": {
         "base": ("5.0 1.9 24.9 63.4 16.5 30.8", "23.75"),

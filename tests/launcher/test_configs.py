@@ -43,8 +43,9 @@ def test_configs_compose_and_instantiate(overrides, ref, critic, n, estimator):
 
 
 def test_paper_hyperparameters_on_gpu_profile():
-    """Without the embedded task's tuning (task_method), the methods carry the paper's values (spec §2)."""
-    from hydra import compose as hc, initialize_config_dir
+    """Without the embedded task's tuning (task_method), the methods carry the paper's values (docs/paper.md §2)."""
+    from hydra import compose as hc
+    from hydra import initialize_config_dir
 
     from tbrm_verl.config import CONFIG_DIR, register_resolvers, with_searchpath
 

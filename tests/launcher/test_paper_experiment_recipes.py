@@ -1,6 +1,7 @@
-"""Recipes for the paper's other experiments (arXiv 2505.15311, spec §2): Table 4 (reasoning-gym graph tasks, 1.5B,
+"""Recipes for the paper's other experiments (arXiv 2505.15311, docs/paper.md §2): Table 4 (reasoning-gym graph tasks, 1.5B,
 TBRM / GRPO n=4) and Table 5 (7B, n=16, TBRM / GRPO). The numbers below are copied from the spec by hand, not read
-from the configs. (Table 1's recipes: tests/launcher/test_recipes.py; every recipe's memory: tests/launcher/test_recipe_memory_fit.py.)
+from the configs. (Table 1's recipes: tests/launcher/test_recipes.py; every recipe's memory:
+tests/launcher/test_recipe_memory_fit.py.)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"
 RG_TASKS = ("course_schedule", "family_relationships", "largest_island", "quantum_lock", "shortest_path")
 
-# ---- the paper's numbers (spec §2) ----
+# ---- the paper's numbers (docs/paper.md §2) ----
 N_GPUS, VLLM_MEM, TEMPERATURE, MAX_RESPONSE, MAX_PROMPT = 4, 0.4, 1.0, 2048, 1024
 TBRM_BETA, TBRM_LR = 0.002, 2.5e-6
 GRPO_LR, GRPO_KL, GRPO_CLIP = 1e-6, 0.001, 0.2

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tbrm_verl.tools import cost_model as cm
 from tbrm_verl.config import compose
+from tbrm_verl.tools import cost_model as cm
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "recipes"

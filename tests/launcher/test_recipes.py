@@ -1,4 +1,4 @@
-"""recipes/*.yaml: the paper's Table 1 runs (arXiv 2505.15311 §5, spec §2) as primary Hydra configs.
+"""recipes/*.yaml: the paper's Table 1 runs (arXiv 2505.15311 §5, docs/paper.md §2) as primary Hydra configs.
 
 Each recipe must name its own launch command on its first line, compose through tbrm_verl.config.compose (with
 profile=cpu, as on this machine, and with the real launch's profile=gpu), pass check_config and verl's own
@@ -24,7 +24,7 @@ RECIPES = ROOT / "recipes"
 EVAL_SETS = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
 TRAIN_FILE = "dapo_math_train.parquet"
 
-# ---- the paper's numbers (spec §2), written here independently of the configs ----
+# ---- the paper's numbers (docs/paper.md §2), written here independently of the configs ----
 PROMPTS_PER_STEP = 128
 MAX_RESPONSE = 2048
 MAX_PROMPT = 1024

@@ -16,8 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "tbrm.sbatch"
 FAKE_IP = "10.77.0.5"

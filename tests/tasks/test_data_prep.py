@@ -202,7 +202,8 @@ EVAL_EXPECTED = {
     ],
     "aime24": [
         ("Every morning Aya goes for a $9$-kilometer-long walk. Find the number of minutes the walk takes her.", "204", 0),
-        ("There exist real numbers $x$ and $y$, both greater than 1, such that $\\log_x(y^x)=\\log_y(x^{4y})=10$. Find $xy$.", "25", 1),
+        ("There exist real numbers $x$ and $y$, both greater than 1, such that $\\log_x(y^x)=\\log_y(x^{4y})=10$. "
+         "Find $xy$.", "25", 1),
     ],
     "amc23": [
         ("Cities $A$ and $B$ are $45$ miles apart. How many miles from City $A$ will they be when they meet?", "27", 0),

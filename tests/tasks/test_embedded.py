@@ -339,7 +339,7 @@ def test_concurrent_builders_build_once(tmp_path, fake_build):
     def worker():
         try:
             results.append(E.ensure_embedded_assets(cache, verbose=False))
-        except BaseException as e:  # pragma: no cover
+        except BaseException as e:  # pragma: no cover  # noqa: BLE001
             errors.append(e)
 
     threads = [threading.Thread(target=worker) for _ in range(3)]

@@ -17,10 +17,10 @@ import pytest
 import reasoning_gym
 from reasoning_gym.utils import SYSTEM_PROMPTS
 
-from tbrm_verl.tasks.math import reward as math_reward
-from tbrm_verl.tasks.reasoning_gym import data as rg
 from tbrm_verl.data.__main__ import main as data_main
 from tbrm_verl.tasks.data_check import check_parquet
+from tbrm_verl.tasks.math import reward as math_reward
+from tbrm_verl.tasks.reasoning_gym import data as rg
 from tbrm_verl.tasks.reasoning_gym.reward import compute_score, score_response
 
 TASKS = ("course_schedule", "family_relationships", "largest_island", "quantum_lock", "shortest_path")  # Table 4

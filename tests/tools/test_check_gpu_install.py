@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from tbrm_verl.tools import check_gpu_install as cgi
 from tbrm_verl.attn import FLASH_ATTN_INSTALL, FLASH_ATTN_REQUIREMENT
+from tbrm_verl.tools import check_gpu_install as cgi
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -146,7 +146,7 @@ def _pypi_reachable() -> bool:
     try:
         with urllib.request.urlopen("https://pypi.org/simple/pip/", timeout=3) as r:
             return r.status == 200
-    except Exception:
+    except Exception:  # noqa: BLE001
         return False
 
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tbrm_verl.tools import gpu_bundle
-from tbrm_verl.tools import gpu_check
+from tbrm_verl.tools import gpu_bundle, gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"

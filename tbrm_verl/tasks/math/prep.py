@@ -303,7 +303,7 @@ def load_source(source: str, split: str, cache_dir: str | None = None):
             return datasets.load_dataset(fmt, data_files=str(path), split="train", cache_dir=cache_dir)
         except PrepError:
             raise
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001
             raise PrepError(f"could not read {source}: {type(e).__name__}: {_first_line(e)}") from None
     if _looks_like_path(source):
         raise PrepError(f"input file not found: {source}")
@@ -311,7 +311,7 @@ def load_source(source: str, split: str, cache_dir: str | None = None):
     hub_split = hub_split or split
     try:
         return datasets.load_dataset(hub_id, split=hub_split, cache_dir=cache_dir)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise PrepError(
             f"could not load {hub_id!r} (split {hub_split!r}) from the Hugging Face hub: "
             f"{type(e).__name__}: {_first_line(e)}"

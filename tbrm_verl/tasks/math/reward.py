@@ -247,7 +247,7 @@ def _mv_equal(pred: str, gold: str) -> bool:
     """Math-Verify equivalence of two bare answers (runs in a pool worker; no signal-based timeouts)."""
     try:
         return _mv_equal_unsafe(pred, gold)
-    except Exception:  # a parser / sympy error on odd input: not equal
+    except Exception:  # a parser / sympy error on odd input: not equal  # noqa: BLE001
         return False
 
 
@@ -330,16 +330,16 @@ def _kill_pool(pool: ProcessPoolExecutor) -> None:
     for p in procs:
         try:
             p.kill()
-        except Exception:  # already gone
+        except Exception:  # already gone  # noqa: BLE001
             pass
     try:
         pool.shutdown(wait=False, cancel_futures=True)
-    except Exception:
+    except Exception:  # noqa: BLE001
         pass
     for p in procs:
         try:
             p.join(timeout=5)
-        except Exception:
+        except Exception:  # noqa: BLE001
             pass
 
 
@@ -447,7 +447,7 @@ def _math_verify_equal(pred: str, gold: str, timeout_s: float) -> bool:
         return False
     except RewardPoolStartError:
         raise  # pool cannot start: a setup problem, not a wrong answer; never hide it as a 0 score
-    except Exception as e:  # an exception raised inside Math-Verify
+    except Exception as e:  # an exception raised inside Math-Verify  # noqa: BLE001
         _stats["errors"] += 1
         logger.debug("Math-Verify raised on answer %r: %s", pred[:80], e)
         return False

@@ -37,8 +37,8 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from tbrm_verl.tasks.math import reward as _pool
-from tbrm_verl.tasks.reasoning_gym.data import DATA_SOURCE_PREFIX
 from tbrm_verl.tasks.math.reward import CONVENTIONS, RewardPoolStartError
+from tbrm_verl.tasks.reasoning_gym.data import DATA_SOURCE_PREFIX
 
 __all__ = ["MAX_ANSWER_CHARS", "MAX_RESPONSE_CHARS", "compute_score", "score_response"]
 
@@ -162,7 +162,7 @@ def score_response(data_source: Any, solution_str: Any, extra_info: Any, timeout
             raise ValueError(f"data_source {data_source!r}: reasoning-gym has no task {task!r}") from None
         logger.debug("reasoning-gym %s verifier raised: %s", task, e)
         return 0.0
-    except Exception as e:  # the verifier raised on an odd answer: wrong
+    except Exception as e:  # the verifier raised on an odd answer: wrong  # noqa: BLE001
         logger.debug("reasoning-gym %s verifier raised: %s", task, e)
         return 0.0
 

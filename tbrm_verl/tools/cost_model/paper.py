@@ -8,7 +8,6 @@ from tbrm_verl.tools.cost_model.predict import Prediction, predict_all, ratios_v
 from tbrm_verl.tools.cost_model.report import _format_table, _setting_dict
 from tbrm_verl.tools.cost_model.specs import H100, PRESETS, Hardware, ModelSpec, Offload, Workload
 
-
 # ----------------------------------------------------------------------------------------------- paper compare
 # Paper (arXiv 2505.15311), 7B, 4×H100, 128 prompts, response 2048, micro-batch 1, vLLM memory fraction 0.4.
 PAPER_RATIOS = {

@@ -20,7 +20,6 @@ from tbrm_verl.tools.cost_model.specs import (
     qwen2_param_count,
 )
 
-
 # ------------------------------------------------------------------------------------------------ from a config
 HF_ARCHITECTURES = ("qwen2", "llama", "mistral")  # decoder layouts qwen2_param_count counts exactly
 
@@ -83,7 +82,7 @@ def from_config(cfg, hw: Hardware = H100, response_len: int | None = None) -> Se
     """Translate a composed tbrm_verl config (tbrm_verl.config.compose, or what tbrm_verl.main runs) into the cost
     model's inputs. Every workload number and offload flag is read from the config:
 
-      method, n            tbrm.enable / tbrm.method, actor_rollout_ref.rollout.n; reference and critic as verl
+      method, n            run.method (tbrm: TBRM trainer), actor_rollout_ref.rollout.n; reference and critic as verl
                            decides them (verl.trainer.ppo.utils.need_reference_policy / need_critic); π_old pass for
                            PPO/GRPO only (the TBRM trainer skips it)
       lengths, batch       data.max_prompt_length, data.max_response_length (every response at the cap unless
@@ -117,10 +116,10 @@ def from_config(cfg, hw: Hardware = H100, response_len: int | None = None) -> Se
         raise _refuse(f"{ar}.actor.fsdp_config.fsdp_size", fsdp_size, f"sharding over fewer than all {world} GPUs "
                       "is not modelled")
 
-    tbrm = bool(_get(cfg, "tbrm.enable", False))
+    tbrm = _get(cfg, "run.method", None) == "tbrm"
     n = int(_get(cfg, f"{ar}.rollout.n", 1))
     reference, critic = bool(need_reference_policy(cfg)), bool(need_critic(cfg))
-    method_name = str(_get(cfg, "tbrm.method", "tbrm" if tbrm else "ppo"))
+    method_name = str(_get(cfg, "run.method", "tbrm" if tbrm else "ppo"))
     key = f"{method_name}_n{n}" + ("_ref_free" if tbrm and not reference else "")
     method = MethodSpec(key, f"{method_name.upper()} n={n}" + (" ref-free" if tbrm and not reference else ""), n,
                         reference=reference, old_log_prob=not tbrm, critic=critic)

@@ -18,8 +18,7 @@ from tbrm_verl.tools import gpu_check
 from tbrm_verl.tools.bare_imports import prepare_imports
 from tbrm_verl.tools.gpu_check.correctness import run_correctness
 from tbrm_verl.tools.gpu_check.harness import engine_path
-from tbrm_verl.tools.gpu_check.measure import (BENCH_CPU, BENCH_GPU, OVERHEAD_TARGET, run_overhead,
-                                               run_update_memory)
+from tbrm_verl.tools.gpu_check.measure import BENCH_CPU, BENCH_GPU, OVERHEAD_TARGET, run_overhead, run_update_memory
 
 
 def _versions() -> dict:

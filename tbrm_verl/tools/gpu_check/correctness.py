@@ -13,8 +13,17 @@ from functools import partial
 import torch
 
 from tbrm_verl.tools.bare_imports import prepare_imports
-from tbrm_verl.tools.gpu_check.harness import (TINY, Forward, build_batch, cpu_threads, dist_session, full,
-                                               make_sequences, qwen2, wrap_fsdp2)
+from tbrm_verl.tools.gpu_check.harness import (
+    TINY,
+    Forward,
+    build_batch,
+    cpu_threads,
+    dist_session,
+    full,
+    make_sequences,
+    qwen2,
+    wrap_fsdp2,
+)
 
 # Tolerances. fp32: the device path (packed, FSDP2, verl's slicing) must agree with the per-sequence reference up to
 # float32 round-off. bf16: model weights/activations are rounded to bf16 (8 bits of mantissa, ~0.4% relative per

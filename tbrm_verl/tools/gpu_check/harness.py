@@ -98,7 +98,6 @@ def build_batch(prompts, resps, refs, rewards, layout: str, max_response_len: in
     """A verl actor-update batch after `left_right_2_no_padding` (layout 'padded') or as the v1 trainer's
     TransferQueue holds it (layout 'nested': every per-sample field jagged)."""
     from tensordict import TensorDict
-
     from verl.utils import tensordict_utils as tu
 
     B = len(prompts)

@@ -11,8 +11,15 @@ from functools import partial
 import torch
 
 from tbrm_verl.tools.bare_imports import prepare_imports
-from tbrm_verl.tools.gpu_check.harness import (Forward, build_batch, cpu_threads, dist_session, make_sequences, qwen2,
-                                               wrap_fsdp2)
+from tbrm_verl.tools.gpu_check.harness import (
+    Forward,
+    build_batch,
+    cpu_threads,
+    dist_session,
+    make_sequences,
+    qwen2,
+    wrap_fsdp2,
+)
 
 OVERHEAD_TARGET = 0.03
 BENCH_GPU = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=2,
