@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import random
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
+from tbrm_verl.tasks import asset_cache
 from tbrm_verl.tasks.math.reward import last_boxed_answer
 
 __all__ = [
@@ -208,17 +206,26 @@ def build_tiny_qwen2(tokenizer, seed: int = SEED, pad_vocab_to: int = 64):
     """A random-weight Qwen2ForCausalLM (float32): hidden 128, 2 layers, 4 heads (head_dim 32), 2 KV heads,
     intermediate 256, tied embeddings, vocab = tokenizer size rounded up to a multiple of `pad_vocab_to`.
     The global torch RNG is left untouched."""
+    n = len(tokenizer)
+    vocab = -(-n // pad_vocab_to) * pad_vocab_to
+    return random_qwen2(
+        tokenizer, seed, vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+    )
+
+
+def random_qwen2(tokenizer, seed: int, **shape):
+    """A random-init float32 Qwen2ForCausalLM with tied embeddings of the given shape (Qwen2Config keywords), the
+    same for the same `seed` (the global torch RNG is left untouched); eos is the tokenizer's IM_END, pad and bos its
+    ENDOFTEXT."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    n = len(tokenizer)
-    vocab = -(-n // pad_vocab_to) * pad_vocab_to
     eos_id = tokenizer.convert_tokens_to_ids(IM_END)
     pad_id = tokenizer.convert_tokens_to_ids(ENDOFTEXT)
     config = Qwen2Config(
-        vocab_size=vocab, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
+        **shape, tie_word_embeddings=True, bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        use_cache=True,
     )
     config.dtype = torch.float32  # saved as "dtype": "float32"
     with torch.random.fork_rng(devices=[]):
@@ -347,20 +354,8 @@ def default_cache_dir() -> str:
     return os.path.join(root, f"embedded-{RECIPE_VERSION}")
 
 
-def _paths(cache_dir: str) -> dict[str, str]:
-    return {
-        "model_path": os.path.join(cache_dir, "model"),
-        "train_file": os.path.join(cache_dir, "data", "train.parquet"),
-        "val_file": os.path.join(cache_dir, "data", "val.parquet"),
-        "cache_dir": cache_dir,
-    }
-
-
-def _is_complete(cache_dir: str) -> bool:
-    if not os.path.isfile(os.path.join(cache_dir, "DONE")):
-        return False
-    p = _paths(cache_dir)
-    return all(os.path.exists(p[k]) for k in ("model_path", "train_file", "val_file"))
+_paths = asset_cache.asset_paths
+_is_complete = asset_cache.is_built
 
 
 @contextlib.contextmanager
@@ -427,17 +422,6 @@ def _build_assets(out_dir: str, seed: int, verbose: bool) -> dict[str, Any]:
     return meta
 
 
-@contextlib.contextmanager
-def _file_lock(path: str):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
 def ensure_embedded_assets(
     cache_dir: str | None = None, force: bool = False, verbose: bool = True, seed: int = SEED
 ) -> dict[str, str]:
@@ -446,37 +430,16 @@ def ensure_embedded_assets(
     {"model_path": HF model dir (warm-started model + tokenizer), "train_file": parquet, "val_file": parquet,
      "cache_dir": the cache dir}. `force=True` rebuilds even if a complete cache exists."""
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir()))
-    if not force and _is_complete(cache_dir):
-        return _paths(cache_dir)
-    parent, name = os.path.split(cache_dir)
-    os.makedirs(parent, exist_ok=True)
-    with _file_lock(os.path.join(parent, f".{name}.lock")):
-        if not force and _is_complete(cache_dir):  # another process built it while we waited
-            return _paths(cache_dir)
-        # Whoever holds the lock is the only builder, so any leftover temp dir is from a dead build.
-        for entry in os.listdir(parent):
-            if entry.startswith(f".{name}.tmp-") or entry.startswith(f".{name}.old-"):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-        t0 = time.time()
+    t0 = time.time()
+
+    def build(tmp: str) -> dict:
+        nonlocal t0
+        t0 = time.time()  # after any wait for the lock
         _log(verbose, f"building embedded assets in {cache_dir}")
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
-            meta = _build(tmp, seed, verbose)
-            with open(os.path.join(tmp, "DONE"), "w") as f:  # written last
-                f.write(json.dumps({"recipe": meta["recipe"], "built_at": time.time()}) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            old = None
-            if os.path.lexists(cache_dir):  # a forced rebuild, or a half-built dir without DONE
-                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-                os.rename(cache_dir, os.path.join(old, "x"))
-            os.rename(tmp, cache_dir)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        return _build(tmp, seed, verbose)
+
+    meta = asset_cache.build_once(cache_dir, _is_complete, build, force)
+    if meta is not None:
         _log(
             verbose,
             f"done in {time.time() - t0:.1f} s: warm start {meta['warm_start_steps']} steps, "

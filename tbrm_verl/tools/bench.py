@@ -61,10 +61,12 @@ def ratios(results: dict, base: str = "ppo_n1") -> dict:
             for m, r in results.items()}
 
 
-def check_targets(results: dict) -> dict:
+def check_targets(results: dict, targets: dict = TARGETS) -> dict:
+    """Each target (numerator, denominator, metric, bound) whose two methods ran (and whose denominator is non-zero):
+    its ratio, bound and whether it is met."""
     out = {}
-    for name, (num, den, metric, bound) in TARGETS.items():
-        if num in results and den in results:
+    for name, (num, den, metric, bound) in targets.items():
+        if num in results and den in results and results[den].get(metric):
             value = results[num][metric] / results[den][metric]
             out[name] = {"value": value, "bound": bound, "met": value <= bound}
     return out
@@ -83,7 +85,15 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(results: dict, path: str) -> None:
+def _peak_memory_panel(ax, results: dict) -> None:
+    names = list(results)
+    ax.bar(names, [results[m]["peak_mem_gb"] for m in names], color="tab:gray")
+    ax.set_ylabel("peak memory (GB)")
+
+
+def plot(results: dict, path: str, memory_panel=_peak_memory_panel) -> None:
+    """Bar chart: seconds per step split into PARTS (left) beside memory, drawn by ``memory_panel(ax, results)``
+    (right; default: peak memory)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,16 +109,18 @@ def plot(results: dict, path: str) -> None:
     ax1.set_ylabel("seconds per step")
     ax1.legend(fontsize=7)
     ax1.tick_params(axis="x", rotation=30)
-    ax2.bar(names, [results[m]["peak_mem_gb"] for m in names], color="tab:gray")
-    ax2.set_ylabel("peak memory (GB)")
+    memory_panel(ax2, results)
     ax2.tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common: list[str]) -> dict:
-    from tbrm_verl.tools.procmem import run_measured
+def launch(name: str, overrides: list[str], out_dir: str, steps: int, common: list[str], sampler) -> tuple:
+    """One method as a real `python -m tbrm_verl.main` run in `out_dir`/`name` (its output in stdout.log there),
+    watched by `sampler(pid)` (a tbrm_verl.tools.procmem.PeriodicSampler); (run dir, wall seconds, the sampler).
+    A run that fails raises RuntimeError."""
+    from tbrm_verl.tools.procmem import run_sampled
 
     run_dir = os.path.join(out_dir, name)
     args = [sys.executable, "-m", "tbrm_verl.main", *overrides, f"trainer.total_training_steps={steps}",
@@ -117,9 +129,17 @@ def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common
     os.makedirs(run_dir, exist_ok=True)
     print(f"[bench] {name}: {' '.join(args[3:])}", flush=True)
     with open(os.path.join(run_dir, "stdout.log"), "w") as log:
-        rc, wall, peak_rss = run_measured(args, stdout=log, stderr=log, cwd=out_dir)
+        rc, wall, watched = run_sampled(args, sampler, stdout=log, stderr=log, cwd=out_dir)
     if rc != 0:
         raise RuntimeError(f"{name} failed (exit {rc}); see {run_dir}/stdout.log")
+    return run_dir, wall, watched
+
+
+def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common: list[str]) -> dict:
+    from tbrm_verl.tools.procmem import PeakTreeRSS
+
+    run_dir, wall, mem = launch(name, overrides, out_dir, steps, common, PeakTreeRSS)
+    peak_rss = mem.peak / 1e9
     summary = summarise_steps(report.load_steps(run_dir))
     gpu = summary.pop("gpu_max_allocated_gb")
     summary["peak_mem_gb"] = gpu if gpu > 0 else peak_rss

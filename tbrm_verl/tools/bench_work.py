@@ -23,6 +23,7 @@ import sys
 import time
 from dataclasses import asdict
 
+from tbrm_verl.tools.procmem import PeriodicSampler, ProcessTreeSampler
 from tbrm_verl.tools.work_assets import SIZES, WorkSize, ensure_work_assets
 from tbrm_verl.tools.work_memory import TRAIN_STATE_ROLES, worker_memory
 
@@ -60,26 +61,11 @@ def work_overrides(paths: dict, size: WorkSize, micro_batch: int = 1) -> list[st
 def run_method(name: str, overrides: list[str], out_dir: str, steps: int, common: list[str],
                interval_s: float = 0.1) -> dict:
     """One method as a real `python -m tbrm_verl.main` run, every process of it sampled (ProcessTreeSampler)."""
-    import subprocess
-
     from tbrm_verl import report
     from tbrm_verl.tools import bench
-    from tbrm_verl.tools.procmem import ProcessTreeSampler
 
-    run_dir = os.path.join(out_dir, name)
-    args = [sys.executable, "-m", "tbrm_verl.main", *overrides, f"trainer.total_training_steps={steps}",
-            "trainer.save_freq=-1", "trainer.test_freq=-1", "trainer.val_before_train=false",
-            "trainer.resume_mode=disable", f"run.dir={run_dir}", *common]
-    os.makedirs(run_dir, exist_ok=True)
-    print(f"[bench] {name}: {' '.join(args[3:])}", flush=True)
-    start = time.time()
-    with open(os.path.join(run_dir, "stdout.log"), "w") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=log, cwd=out_dir)
-        with ProcessTreeSampler(proc.pid, interval_s=interval_s) as sampler:
-            rc = proc.wait()
-    wall = time.time() - start
-    if rc != 0:
-        raise RuntimeError(f"{name} failed (exit {rc}); see {run_dir}/stdout.log")
+    run_dir, wall, sampler = bench.launch(name, overrides, out_dir, steps, common,
+                                          lambda pid: ProcessTreeSampler(pid, interval_s=interval_s))
     steps = report.load_steps(run_dir)
     summary = bench.summarise_steps(steps)
     summary.pop("gpu_max_allocated_gb")
@@ -154,29 +140,15 @@ def measure_cpu(model_path: str | None = None, seconds: float = 1.0) -> dict:
     return out
 
 
-class LoadSampler:
+class LoadSampler(PeriodicSampler):
     """os.getloadavg()[0] every `interval_s` (the machine may be shared: the bench reports its load)."""
 
     def __init__(self, interval_s: float = 15.0):
-        import threading
-
+        super().__init__(interval_s)
         self.samples: list[float] = []
-        self.interval_s = interval_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self):
-        while not self._stop.is_set():
-            self.samples.append(os.getloadavg()[0])
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        self.samples.append(os.getloadavg()[0])
 
     def summary(self) -> dict:
         s = self.samples or [os.getloadavg()[0]]
@@ -184,12 +156,9 @@ class LoadSampler:
 
 
 def check_targets(results: dict) -> dict:
-    out = {}
-    for name, (num, den, metric, bound) in TARGETS.items():
-        if num in results and den in results and results[den].get(metric):
-            value = results[num][metric] / results[den][metric]
-            out[name] = {"value": value, "bound": bound, "met": value <= bound}
-    return out
+    from tbrm_verl.tools import bench
+
+    return bench.check_targets(results, TARGETS)
 
 
 def ratios(results: dict, base: str = "ppo_n1") -> dict:
@@ -200,67 +169,58 @@ def ratios(results: dict, base: str = "ppo_n1") -> dict:
                 "train_state_mem": r["train_state_mem_gb"] / b["train_state_mem_gb"]} for m, r in results.items()}
 
 
-def table(results: dict) -> str:
+def _rows(results: dict):
+    """(method, [step s, *parts, train-state, FSDP worker, rollout server, tree peak GB, time/PPO, train-state/PPO])
+    per method: the columns of both tables, in order."""
     from tbrm_verl.tools.bench import PARTS
 
     rat = ratios(results)
+    for m, r in results.items():
+        rr = rat.get(m, {})
+        yield m, [r["step_time_s"], *(r["parts"][p] for p in (*PARTS, "other")), r["train_state_mem_gb"],
+                  r["train_engine_mem_gb"], r["rollout_server_mem_gb"], r["peak_mem_gb"],
+                  rr.get("step_time", float("nan")), rr.get("train_state_mem", float("nan"))]
+
+
+def table(results: dict) -> str:
+    from tbrm_verl.tools.bench import PARTS
+
     cols = (*PARTS, "other")
     head = (f"{'method':17s} {'step s':>7s} " + " ".join(f"{p[:12]:>12s}" for p in cols)
             + f" {'train GB':>8s} {'engine':>7s} {'rollout':>7s} {'tree GB':>7s} {'time/PPO':>8s} {'mem/PPO':>7s}")
+    fmts = ["7.2f", *["12.2f"] * len(cols), "8.2f", "7.2f", "7.2f", "7.2f", "8.2f", "7.2f"]
     lines = [head, "-" * len(head)]
-    for m, r in results.items():
-        rr = rat.get(m, {})
-        lines.append(f"{m:17s} {r['step_time_s']:7.2f} " + " ".join(f"{r['parts'][p]:12.2f}" for p in cols)
-                     + f" {r['train_state_mem_gb']:8.2f} {r['train_engine_mem_gb']:7.2f} "
-                     f"{r['rollout_server_mem_gb']:7.2f} {r['peak_mem_gb']:7.2f} "
-                     f"{rr.get('step_time', float('nan')):8.2f} {rr.get('train_state_mem', float('nan')):7.2f}")
+    for m, vals in _rows(results):
+        lines.append(f"{m:17s} " + " ".join(format(v, f) for v, f in zip(vals, fmts)))
     return "\n".join(lines)
 
 
 def markdown_table(results: dict) -> str:
     from tbrm_verl.tools.bench import PARTS
 
-    rat = ratios(results)
     cols = (*PARTS, "other")
     lines = ["| method | step s | " + " | ".join(cols) + " | train-state GB | FSDP worker | rollout server | tree peak "
              "GB | time/PPO | train-state/PPO |", "|---" * (len(cols) + 8) + "|"]
-    for m, r in results.items():
-        rr = rat.get(m, {})
-        lines.append(f"| {m} | {r['step_time_s']:.1f} | " + " | ".join(f"{r['parts'][p]:.1f}" for p in cols)
-                     + f" | {r['train_state_mem_gb']:.2f} | {r['train_engine_mem_gb']:.2f} | "
-                     f"{r['rollout_server_mem_gb']:.2f} | {r['peak_mem_gb']:.1f} | "
-                     f"{rr.get('step_time', float('nan')):.2f} | {rr.get('train_state_mem', float('nan')):.2f} |")
+    fmts = [".1f", *[".1f"] * len(cols), ".2f", ".2f", ".2f", ".1f", ".2f", ".2f"]
+    for m, vals in _rows(results):
+        lines.append("| " + " | ".join([m, *(format(v, f) for v, f in zip(vals, fmts))]) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from tbrm_verl.tools.bench import PARTS
-
+def _train_state_panel(ax, results: dict) -> None:
     names = list(results)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    bottom = [0.0] * len(names)
-    for p in (*PARTS, "other"):
-        vals = [results[m]["parts"][p] for m in names]
-        ax1.bar(names, vals, bottom=bottom, label=p)
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax1.set_ylabel("seconds per step")
-    ax1.legend(fontsize=7)
-    ax1.tick_params(axis="x", rotation=30)
     eng = [results[m]["train_engine_mem_gb"] for m in names]
-    ax2.bar(names, eng, label="FSDP worker (actor, critic, reference)", color="tab:blue")
-    ax2.bar(names, [results[m]["rollout_server_mem_gb"] for m in names], bottom=eng, label="rollout server",
-            color="tab:orange")
-    ax2.set_ylabel("training-state memory (GB above post-import RSS)")
-    ax2.legend(fontsize=7)
-    ax2.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax.bar(names, eng, label="FSDP worker (actor, critic, reference)", color="tab:blue")
+    ax.bar(names, [results[m]["rollout_server_mem_gb"] for m in names], bottom=eng, label="rollout server",
+           color="tab:orange")
+    ax.set_ylabel("training-state memory (GB above post-import RSS)")
+    ax.legend(fontsize=7)
+
+
+def plot(results: dict, path: str) -> None:
+    from tbrm_verl.tools import bench
+
+    bench.plot(results, path, memory_panel=_train_state_panel)
 
 
 # constants of the CPU 'device' the cost model is given (stated, not fitted): per-call overhead of a worker-group

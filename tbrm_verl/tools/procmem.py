@@ -2,7 +2,7 @@
 
 `PeakTreeRSS` / `run_measured`: the summed RSS of the whole tree. `ProcessTreeSampler`: the same samples kept per
 process (first sample, peak, titles seen, an RSS series to choose a baseline from by title), for per-worker
-accounting.
+accounting. `run_sampled`: run a command under one of them.
 """
 
 from __future__ import annotations
@@ -14,14 +14,18 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 
-def tree_rss_bytes(pid: int) -> int:
+def _tree(pid: int) -> list[psutil.Process]:
+    """`pid` and its descendants; empty if `pid` is gone."""
     try:
         root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
+        return [root] + root.children(recursive=True)
     except psutil.NoSuchProcess:
-        return 0
+        return []
+
+
+def tree_rss_bytes(pid: int) -> int:
     total = 0
-    for p in procs:
+    for p in _tree(pid):
         try:
             total += p.memory_info().rss
         except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -29,17 +33,20 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-class PeakTreeRSS:
-    """Samples the summed RSS of `pid` and its descendants every `interval_s` in a background thread."""
+class PeriodicSampler:
+    """Calls `self.sample()` every `interval_s` seconds in a background thread while used as a context manager."""
 
-    def __init__(self, pid: int, interval_s: float = 0.5):
-        self.pid, self.interval_s, self.peak = pid, interval_s, 0
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _run(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, tree_rss_bytes(self.pid))
+            self.sample()
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
@@ -51,15 +58,32 @@ class PeakTreeRSS:
         self._thread.join()
 
 
-def run_measured(cmd: list[str], **popen_kwargs) -> tuple[int, float, float]:
-    """Run a command; return (exit code, wall seconds, peak summed RSS in GB of its process tree)."""
+class PeakTreeRSS(PeriodicSampler):
+    """Samples the summed RSS of `pid` and its descendants every `interval_s` in a background thread."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5):
+        super().__init__(interval_s)
+        self.pid, self.peak = pid, 0
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, tree_rss_bytes(self.pid))
+
+
+def run_sampled(cmd: list[str], sampler, **popen_kwargs) -> tuple[int, float, PeriodicSampler]:
+    """Run a command while `sampler(pid)` (a PeriodicSampler) watches it; return (exit code, wall seconds, sampler)."""
     import subprocess
 
     start = time.time()
     proc = subprocess.Popen(cmd, **popen_kwargs)
-    with PeakTreeRSS(proc.pid) as mem:
+    with sampler(proc.pid) as watched:
         rc = proc.wait()
-    return rc, time.time() - start, mem.peak / 1e9
+    return rc, time.time() - start, watched
+
+
+def run_measured(cmd: list[str], **popen_kwargs) -> tuple[int, float, float]:
+    """Run a command; return (exit code, wall seconds, peak summed RSS in GB of its process tree)."""
+    rc, wall, mem = run_sampled(cmd, PeakTreeRSS, **popen_kwargs)
+    return rc, wall, mem.peak / 1e9
 
 
 # ------------------------------------------------------------------------------------------- per-process accounting
@@ -140,28 +164,22 @@ def _title_and_name(p: psutil.Process) -> tuple[str, str]:
     return cmd or name, name
 
 
-class ProcessTreeSampler:
+class ProcessTreeSampler(PeriodicSampler):
     """Samples every process of the tree under `pid` every `interval_s` (a background thread): per-process RSS
     (ProcStats: first sample, peak, titles seen, a series to pick a baseline from) and the summed tree RSS peak
     (what PeakTreeRSS measures)."""
 
     def __init__(self, pid: int, interval_s: float = 0.2):
-        self.pid, self.interval_s = pid, interval_s
+        super().__init__(interval_s)
+        self.pid = pid
         self.procs: dict[tuple[int, float], ProcStats] = {}  # (pid, create_time): pids can be reused
         self.tree_peak = 0
         self._t0 = time.time()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         t = time.time() - self._t0
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root] + root.children(recursive=True)
-        except psutil.NoSuchProcess:
-            return
         total = 0
-        for p in procs:
+        for p in _tree(self.pid):
             try:
                 rss = p.memory_info().rss
                 key = (p.pid, p.create_time())
@@ -174,19 +192,6 @@ class ProcessTreeSampler:
                 s = self.procs[key] = ProcStats(pid=p.pid, first_rss=rss, first_title=title, first_t=t)
             s.add(t, rss, title, name)
         self.tree_peak = max(self.tree_peak, total)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
     def stats(self) -> list[ProcStats]:
         return sorted(self.procs.values(), key=lambda s: (s.first_t, s.pid))

@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from tbrm_verl.tasks import asset_cache
 
 RECIPE_VERSION = "v1"
 DATA_SOURCE = "bench_work"
@@ -156,27 +156,15 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
 
 def build_model(tokenizer, size: WorkSize, seed: int = SEED):
     """Random-init Qwen2ForCausalLM (float32, tied embeddings) of `size`; the global torch RNG is left untouched."""
-    import torch
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    from tbrm_verl.tasks.embedded import ENDOFTEXT, IM_END
+    from tbrm_verl.tasks.embedded import random_qwen2
 
     if len(tokenizer) != size.vocab:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary is {size.vocab}")
-    eos_id, pad_id = tokenizer.convert_tokens_to_ids(IM_END), tokenizer.convert_tokens_to_ids(ENDOFTEXT)
-    config = Qwen2Config(
-        vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+    return random_qwen2(
+        tokenizer, seed, vocab_size=size.vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
         num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
         head_dim=size.head_dim, max_position_embeddings=size.prompt_tokens + size.response_tokens,
-        tie_word_embeddings=True, bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id, use_cache=True,
     )
-    config.dtype = torch.float32
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen2ForCausalLM(config)
-    model.to(torch.float32)
-    model.generation_config = GenerationConfig(bos_token_id=pad_id, eos_token_id=eos_id, pad_token_id=pad_id)
-    return model
 
 
 # ----------------------------------------------------------------------------------------------- task and reward
@@ -235,17 +223,12 @@ def default_cache_dir(size_name: str = "full") -> str:
     return os.path.join(os.path.dirname(embedded_dir()), f"bench-work-{RECIPE_VERSION}-{size_name}")
 
 
-def _paths(cache_dir: str) -> dict[str, str]:
-    return {"model_path": os.path.join(cache_dir, "model"),
-            "train_file": os.path.join(cache_dir, "data", "train.parquet"),
-            "val_file": os.path.join(cache_dir, "data", "val.parquet"), "cache_dir": cache_dir}
+_paths = asset_cache.asset_paths
 
 
 def _is_complete(cache_dir: str, size: WorkSize) -> bool:
     """Built (DONE written last) and built for this size (a cache made before a size change is rebuilt)."""
-    p = _paths(cache_dir)
-    if not (os.path.isfile(os.path.join(cache_dir, "DONE")) and all(
-            os.path.exists(p[k]) for k in ("model_path", "train_file", "val_file"))):
+    if not asset_cache.is_built(cache_dir):
         return False
     try:
         with open(os.path.join(cache_dir, "meta.json")) as f:
@@ -286,36 +269,14 @@ def ensure_work_assets(size_name: str = "full", cache_dir: str | None = None, fo
                        verbose: bool = True, seed: int = SEED) -> dict[str, str]:
     """Paths of the work setting's assets, built once under a lock and renamed into place with a DONE marker (as
     tbrm_verl.tasks.embedded does): {"model_path", "train_file", "val_file", "cache_dir"}."""
-    from tbrm_verl.tasks.embedded import _file_lock
-
     size = SIZES[size_name]
     cache_dir = os.path.abspath(os.path.expanduser(cache_dir or default_cache_dir(size_name)))
-    if not force and _is_complete(cache_dir, size):
-        return _paths(cache_dir)
-    parent, name = os.path.split(cache_dir)
-    os.makedirs(parent, exist_ok=True)
-    with _file_lock(os.path.join(parent, f".{name}.lock")):
-        if not force and _is_complete(cache_dir, size):
-            return _paths(cache_dir)
-        for entry in os.listdir(parent):  # whoever holds the lock is the only builder: leftovers are dead builds
-            if entry.startswith(f".{name}.tmp-") or entry.startswith(f".{name}.old-"):
-                shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+    def build(tmp: str) -> dict:
         _log(verbose, f"building the work-setting assets ({size_name}) in {cache_dir}")
-        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-        try:
-            os.chmod(tmp, 0o755)
-            meta = build_assets(tmp, size, seed, verbose)
-            with open(os.path.join(tmp, "DONE"), "w") as f:
-                f.write(json.dumps({"recipe": meta["recipe"], "built_at": time.time()}) + "\n")
-            old = None
-            if os.path.lexists(cache_dir):
-                old = tempfile.mkdtemp(prefix=f".{name}.old-", dir=parent)
-                os.rename(cache_dir, os.path.join(old, "x"))
-            os.rename(tmp, cache_dir)
-            if old:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        return build_assets(tmp, size, seed, verbose)
+
+    meta = asset_cache.build_once(cache_dir, lambda d: _is_complete(d, size), build, force)
+    if meta is not None:
         _log(verbose, f"done in {meta['build_seconds']:.1f} s")
     return _paths(cache_dir)

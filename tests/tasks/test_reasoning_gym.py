@@ -19,7 +19,7 @@ from reasoning_gym.utils import SYSTEM_PROMPTS
 
 from tbrm_verl.data.__main__ import main as data_main
 from tbrm_verl.tasks.data_check import check_parquet
-from tbrm_verl.tasks.math import reward as math_reward
+from tbrm_verl.tasks.math import verify_pool
 from tbrm_verl.tasks.reasoning_gym import data as rg
 from tbrm_verl.tasks.reasoning_gym.reward import compute_score, score_response
 
@@ -177,19 +177,19 @@ def test_a_verifier_past_its_timeout_is_wrong_and_the_pool_recovers(rows, monkey
     assert _score(row, good) == 1.0
     # the shared pool: a call that outlives its timeout is killed with its worker, in bounded time
     # (a worker that sleeps is deterministic; a nanosecond timeout races a fast verifier on a loaded machine)
-    before = math_reward._stats["timeouts"]
+    before = verify_pool.stats["timeouts"]
     t0 = time.monotonic()
-    with pytest.raises(math_reward._Timeout):
-        math_reward._run_in_pool(time.sleep, (60,), 0.5)
+    with pytest.raises(verify_pool.PoolTimeout):
+        verify_pool.run_in_pool(time.sleep, (60,), 0.5)
     assert time.monotonic() - t0 < QUICK_S
-    assert math_reward._stats["timeouts"] == before + 1
+    assert verify_pool.stats["timeouts"] == before + 1
     assert _score(row, good) == 1.0  # a fresh pool (reasoning-gym imported again before timing)
     # and a timed-out verification scores wrong
 
     def timed_out(*a, **k):
-        raise math_reward._Timeout()
+        raise verify_pool.PoolTimeout()
 
-    monkeypatch.setattr(math_reward, "_run_in_pool", timed_out)
+    monkeypatch.setattr(verify_pool, "run_in_pool", timed_out)
     assert _score(row, good) == 0.0
 
 

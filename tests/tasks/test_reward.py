@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tbrm_verl.tasks.math import reward as R  # noqa: E402
+from tbrm_verl.tasks.math import verify_pool  # noqa: E402
 from tbrm_verl.tasks.math.reward import compute_score, last_boxed_answer  # noqa: E402
 
 QUICK_S = 30.0  # generous bound: "returns quickly, never hangs"
@@ -155,7 +155,7 @@ def test_common_cases_do_not_use_the_process_pool(monkeypatch):
     def boom(*a, **k):
         raise AssertionError("process pool used on a fast-path answer")
 
-    monkeypatch.setattr(R, "_run_in_pool", boom)
+    monkeypatch.setattr(verify_pool, "run_in_pool", boom)
     assert score("so \\boxed{12}", "12") == 1.0
     assert score("so \\boxed{ 12 }.", "12") == 1.0
     assert score("so \\boxed{$12$}", "12") == 1.0
@@ -189,12 +189,12 @@ def test_adversarial_outputs_score_wrong_quickly(solution):
 def test_hanging_verifier_is_killed_and_scored_wrong():
     # 10^(10^10) makes sympy try to build a 10-billion-digit integer: Math-Verify never returns on its own.
     assert score("\\boxed{\\frac{1}{2}}", "0.5") == 1.0  # pool up before timing
-    timeouts = R._stats["timeouts"]
+    timeouts = verify_pool.stats["timeouts"]
     t0 = time.monotonic()
     assert score("\\boxed{10^{10^{10}}}", "1", timeout_s=1.0) == 0.0
     elapsed = time.monotonic() - t0
     assert 1.0 <= elapsed < QUICK_S
-    assert R._stats["timeouts"] == timeouts + 1
+    assert verify_pool.stats["timeouts"] == timeouts + 1
     # The stuck pool was killed; the next answer gets a fresh one and is scored normally.
     assert score("\\boxed{2\\sqrt{2}}", "\\sqrt{8}") == 1.0
 
@@ -223,14 +223,14 @@ def test_concurrent_threads():
         sol, gt, _ = cases[i]
         out[i] = score(sol, gt)
 
-    timeouts = R._stats["timeouts"]
+    timeouts = verify_pool.stats["timeouts"]
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
     for th in threads:
         th.start()
     for th in threads:
         th.join(timeout=120)
     assert out == [c[2] for c in cases]
-    assert R._stats["timeouts"] == timeouts  # queueing behind other threads is not charged to an answer's timeout
+    assert verify_pool.stats["timeouts"] == timeouts  # queueing behind other threads is not charged to an answer's timeout
 
 
 def test_loaded_from_file_path_like_verl():

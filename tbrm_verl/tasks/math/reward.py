@@ -12,12 +12,8 @@ The score of a response is its correctness:
   (``1/2`` vs ``0.5``, ``2\\sqrt{2}`` vs ``\\sqrt{8}``, ``$12$`` vs ``12``);
 * the common cases never leave the calling process: an exact match after light normalisation (spaces, ``$``, a
   trailing ``.``) is correct, and two plain integers are compared as integers;
-* everything else runs Math-Verify in a process pool (``spawn`` start method; created lazily, one per process) with a
-  per-answer timeout enforced by the caller. Math-Verify's own ``signal.alarm`` timeouts are switched off
-  (``parsing_timeout=None``, ``timeout_seconds=None``): ``signal.alarm`` only works in a main thread, and verl calls
-  reward functions from worker threads inside Ray actors, where it fails and silently scores everything 0. A worker
-  that runs past the timeout is killed with its pool (a fresh pool is made on the next call) and the answer is scored
-  wrong.
+* everything else runs Math-Verify with a per-answer timeout in a process pool (``tbrm_verl.tasks.math.verify_pool``,
+  which says how); an answer that runs past the timeout is scored wrong.
 
 Conventions (``convention=``, from ``reward.custom_reward_function.reward_kwargs``):
 
@@ -30,28 +26,26 @@ verl usage::
     reward.custom_reward_function.name=compute_score
     +reward.custom_reward_function.reward_kwargs.convention=zero_one
 
-verl loads the file under a private module name; the pool worker function is always taken from the importable module
-``tbrm_verl.tasks.math.reward`` (the repository root is put on ``sys.path`` if needed) so that spawned workers can unpickle it.
-The pool workers import ``tbrm_verl`` (its ``__init__``) and ``math_verify`` only.
-
-Environment knobs: ``TBRM_REWARD_WORKERS`` (pool size, default ``min(4, cpu_count)``) and
-``TBRM_REWARD_STARTUP_TIMEOUT`` (seconds allowed for a fresh pool to start and import Math-Verify, default 180).
+verl loads the file under a private module name; the pool's worker functions live in the importable module
+``tbrm_verl.tasks.math.verify_pool`` (the repository root is put on ``sys.path`` if needed) so that spawned workers can
+unpickle them. Environment knobs: ``TBRM_REWARD_WORKERS`` and ``TBRM_REWARD_STARTUP_TIMEOUT`` (see ``verify_pool``).
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import multiprocessing
-import os
 import re
 import sys
-import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FuturesTimeoutError
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
-from typing import Any, Callable, Literal, get_args
+from typing import Any, Literal, get_args
+
+try:
+    from tbrm_verl.tasks.math import verify_pool as _verify_pool
+except ImportError:  # loaded by file path (verl's custom_reward_function.path) without the package on sys.path
+    sys.path.append(str(Path(__file__).resolve().parents[3]))  # the repository root (spawned workers inherit it)
+    from tbrm_verl.tasks.math import verify_pool as _verify_pool
+
+RewardPoolStartError = _verify_pool.RewardPoolStartError
+shutdown_pool = _verify_pool.shutdown_pool
 
 __all__ = [
     "CONVENTIONS",
@@ -61,13 +55,12 @@ __all__ = [
     "MAX_RESPONSE_CHARS",
     "compute_score",
     "final_answer",
+    "reward_values",
     "is_correct",
     "last_boxed_answer",
     "normalize_answer",
     "shutdown_pool",
 ]
-
-logger = logging.getLogger(__name__)
 
 #: The valid values of `tbrm.reward_convention` (tbrm_verl.config checks the config against this Literal).
 RewardConvention = Literal["zero_one", "plus_minus_one"]
@@ -227,233 +220,6 @@ def _fast_verdict(pred_norm: str, gt_norm: str) -> bool | None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Math-Verify in a process pool (functions below run in the pool workers)
-# --------------------------------------------------------------------------------------------------------------------
-def _worker_init() -> None:
-    """Pool initializer: import Math-Verify once per worker and silence its "timeout disabled" warning."""
-    for name in ("math_verify", "math_verify.parser", "math_verify.grader", "latex2sympy2_extended"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import math_verify  # noqa: F401
-
-
-def _worker_ping() -> int:
-    """Warm-up task: proves that a worker started and can run Math-Verify."""
-    if not _mv_equal_unsafe("\\frac{1}{2}", "0.5"):  # e.g. the ANTLR runtime is missing or the wrong version
-        raise RuntimeError("Math-Verify self-check failed: \\frac{1}{2} != 0.5 (is math-verify[antlr4_9_3] installed?)")
-    return os.getpid()
-
-
-def _mv_equal(pred: str, gold: str) -> bool:
-    """Math-Verify equivalence of two bare answers (runs in a pool worker; no signal-based timeouts)."""
-    try:
-        return _mv_equal_unsafe(pred, gold)
-    except Exception:  # a parser / sympy error on odd input: not equal  # noqa: BLE001
-        return False
-
-
-def _mv_equal_unsafe(pred: str, gold: str) -> bool:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    gold_parsed = parse(
-        "\\boxed{" + gold + "}",
-        extraction_config=[LatexExtractionConfig()],
-        parsing_timeout=None,
-    )
-    if not gold_parsed:
-        return False
-    pred_parsed = parse(
-        "\\boxed{" + pred + "}",
-        extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
-        parsing_timeout=None,
-    )
-    if not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Pool management (caller side)
-# --------------------------------------------------------------------------------------------------------------------
-_pool: ProcessPoolExecutor | None = None
-_pool_pid: int | None = None  # the process that created _pool (a forked child must not reuse it)
-_pool_lock = threading.Lock()
-_stats = {"pool_starts": 0, "timeouts": 0, "errors": 0}
-
-
-def _reset_after_fork() -> None:
-    """A forked child must not use (or wait on the lock of) its parent's pool."""
-    global _pool, _pool_pid, _pool_lock
-    _pool, _pool_pid, _pool_lock = None, None, threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-class _Timeout(Exception):
-    pass
-
-
-class RewardPoolStartError(RuntimeError):
-    """The Math-Verify process pool could not start: a setup problem, raised instead of scoring answers wrong."""
-
-
-def importable_module(name: str = "tbrm_verl.tasks.math.reward"):
-    """The module ``name`` (a reward module of this package) under its importable name, whose functions pool
-    workers can unpickle.
-
-    verl loads a custom reward file under a private name (``custom_module_<hash>``) that a spawned process cannot
-    import; in that case the repository root is added to ``sys.path`` (spawned children inherit it).
-    """
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        root = str(Path(__file__).resolve().parents[3])  # the repository root
-        if root not in sys.path:
-            sys.path.append(root)
-        return importlib.import_module(name)
-
-
-
-
-def _num_workers() -> int:
-    env = os.environ.get("TBRM_REWARD_WORKERS")
-    if env:
-        return max(1, int(env))
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def _kill_pool(pool: ProcessPoolExecutor) -> None:
-    procs = list((getattr(pool, "_processes", None) or {}).values())
-    for p in procs:
-        try:
-            p.kill()
-        except Exception:  # already gone  # noqa: BLE001
-            pass
-    try:
-        pool.shutdown(wait=False, cancel_futures=True)
-    except Exception:  # noqa: BLE001
-        pass
-    for p in procs:
-        try:
-            p.join(timeout=5)
-        except Exception:  # noqa: BLE001
-            pass
-
-
-def _discard_pool(pool: ProcessPoolExecutor) -> None:
-    """Kill ``pool`` if it is still the current one (another thread may have replaced it already)."""
-    global _pool
-    with _pool_lock:
-        if _pool is pool:
-            _pool = None
-    _kill_pool(pool)
-
-
-def shutdown_pool() -> None:
-    """Kill the Math-Verify pool of this process (a new one is made on the next call that needs it)."""
-    global _pool
-    with _pool_lock:
-        pool, _pool = _pool, None
-    if pool is not None:
-        _kill_pool(pool)
-
-
-def _get_pool() -> ProcessPoolExecutor:
-    """The process-wide pool, created (and warmed up: every worker started, Math-Verify imported) on first use."""
-    global _pool, _pool_pid
-    pool = _pool
-    if pool is not None and _pool_pid == os.getpid():
-        return pool
-    with _pool_lock:
-        if _pool is not None and _pool_pid == os.getpid():
-            return _pool
-        mod = importable_module()
-        n = _num_workers()
-        pool = ProcessPoolExecutor(
-            max_workers=n,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=mod._worker_init,
-        )
-        startup = float(os.environ.get("TBRM_REWARD_STARTUP_TIMEOUT", "180"))
-        try:
-            # Submitting n tasks at once makes the executor start all n workers now, so that a worker's start-up
-            # (spawn + imports) is never charged to an answer's timeout later.
-            futs = [pool.submit(mod._worker_ping) for _ in range(n)]
-            for f in futs:
-                f.result(timeout=startup)
-        except BaseException as e:
-            _kill_pool(pool)
-            raise RewardPoolStartError(
-                "tbrm_verl.tasks.math.reward: could not start the Math-Verify process pool "
-                f"({type(e).__name__}: {str(e).strip()[:300]}). Hint: spawned workers re-import the main script, so "
-                "a script that scores answers at import time must do so under `if __name__ == '__main__':`."
-            ) from e
-        pool._tbrm_slots = threading.Semaphore(n)  # type: ignore[attr-defined]
-        _pool, _pool_pid = pool, os.getpid()
-        _stats["pool_starts"] += 1
-        return pool
-
-
-def _run_in_pool(fn_name: "str | Callable", args: tuple, timeout_s: float) -> Any:
-    """Run ``tbrm_verl.tasks.math.reward.<fn_name>(*args)`` in the pool; raises ``_Timeout`` after ``timeout_s`` seconds.
-    ``fn_name`` may also be a function of another importable module (``tbrm_verl.tasks.reasoning_gym.reward`` uses the pool).
-
-    At most one call per worker is in flight (callers beyond that wait for a free slot first), so the timeout
-    measures the answer's own run time, not time spent queued behind other threads' answers. On timeout the pool
-    (with the stuck worker) is killed. If the pool breaks under a call for another reason (e.g. another thread's
-    timeout killed it), the call is retried once on a fresh pool.
-    """
-    fn: Callable = fn_name if callable(fn_name) else getattr(importable_module(), fn_name)
-    for attempt in range(2):
-        pool = _get_pool()
-        slots: threading.Semaphore = pool._tbrm_slots  # type: ignore[attr-defined]
-        with slots:
-            try:
-                fut = pool.submit(fn, *args)
-            except (BrokenProcessPool, RuntimeError):  # shut down / broken after _get_pool returned it
-                _discard_pool(pool)
-                if attempt == 0:
-                    continue
-                raise
-            try:
-                return fut.result(timeout=timeout_s)
-            except FuturesTimeoutError:
-                fut.cancel()
-                _discard_pool(pool)
-                _stats["timeouts"] += 1
-                raise _Timeout() from None
-            except BrokenProcessPool:
-                _discard_pool(pool)
-                if attempt == 0:
-                    continue
-                raise
-    raise AssertionError("unreachable")
-
-
-def _math_verify_equal(pred: str, gold: str, timeout_s: float) -> bool:
-    try:
-        return bool(_run_in_pool("_mv_equal", (pred, gold), timeout_s))
-    except _Timeout:
-        logger.warning(
-            "Math-Verify timed out after %.1fs on answer %r (gold %r): scored wrong", timeout_s, pred[:80], gold[:80]
-        )
-        return False
-    except BrokenProcessPool as e:
-        _stats["errors"] += 1
-        logger.warning("Math-Verify pool broke twice on answer %r: scored wrong (%s)", pred[:80], e)
-        return False
-    except RewardPoolStartError:
-        raise  # pool cannot start: a setup problem, not a wrong answer; never hide it as a 0 score
-    except Exception as e:  # an exception raised inside Math-Verify  # noqa: BLE001
-        _stats["errors"] += 1
-        logger.debug("Math-Verify raised on answer %r: %s", pred[:80], e)
-        return False
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------------------------------
 def _ground_truths(ground_truth: Any) -> list[str]:
@@ -494,7 +260,7 @@ def is_correct(solution_str: Any, ground_truth: Any, timeout_s: float = 5.0) -> 
         if verdict is None and len(gold) <= MAX_GROUND_TRUTH_CHARS:
             pending.append(gold)
     for gold in pending:
-        if _math_verify_equal(pred, gold, timeout_s):
+        if _verify_pool.math_verify_equal(pred, gold, timeout_s):
             return True
     return False
 
@@ -514,6 +280,13 @@ def compute_score(
     ``data_source`` and ``extra_info`` are accepted for verl's signature and not used; extra keyword arguments that
     verl's reward loop passes (e.g. ``reward_router_address``) are ignored.
     """
+    wrong, right, timeout_s = reward_values(convention, timeout_s)
+    return right if is_correct(solution_str, ground_truth, timeout_s=timeout_s) else wrong
+
+
+def reward_values(convention: Any, timeout_s: Any) -> tuple[float, float, float]:
+    """(score if wrong, score if correct, timeout in seconds) for a reward function's ``convention`` and ``timeout_s``
+    keyword arguments; ``ValueError`` for an unknown convention or a timeout that is not a positive number."""
     try:
         wrong, right = CONVENTIONS[convention]
     except (KeyError, TypeError):
@@ -526,4 +299,4 @@ def compute_score(
         timeout_s = float("nan")
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
-    return right if is_correct(solution_str, ground_truth, timeout_s=timeout_s) else wrong
+    return wrong, right, timeout_s

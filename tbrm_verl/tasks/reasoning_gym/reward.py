@@ -16,7 +16,7 @@
   path, the substring credit of the default verifier) counts as wrong: Table 4 reports accuracy, and TBRM's target
   r/β assumes the two reward values of ``tbrm.reward_convention``.
 
-Bounded time: extraction and verification run in the process pool of ``tbrm_verl.tasks.math.reward`` (the Math-Verify pool:
+Bounded time: extraction and verification run in the process pool of ``tbrm_verl.tasks.math.verify_pool`` (the Math-Verify pool:
 same workers, same per-answer timeout and kill-on-timeout, same start-up handling), on the last
 ``MAX_RESPONSE_CHARS`` characters of the response only; an extracted answer longer than ``MAX_ANSWER_CHARS`` is
 wrong without being verified. Importing reasoning-gym takes seconds, so once per pool every worker imports it
@@ -36,8 +36,9 @@ import threading
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-from tbrm_verl.tasks.math import reward as _pool
-from tbrm_verl.tasks.math.reward import CONVENTIONS, RewardPoolStartError
+from tbrm_verl.tasks.math import verify_pool as _pool
+from tbrm_verl.tasks.math.reward import reward_values
+from tbrm_verl.tasks.math.verify_pool import RewardPoolStartError
 from tbrm_verl.tasks.reasoning_gym.data import DATA_SOURCE_PREFIX
 
 __all__ = ["MAX_ANSWER_CHARS", "MAX_RESPONSE_CHARS", "compute_score", "score_response"]
@@ -84,11 +85,11 @@ def _canonical():
 
 def _ensure_warm() -> None:
     """Once per pool: every worker imports reasoning-gym before any answer's timeout starts counting."""
-    pool = _pool._get_pool()
+    pool = _pool.get_pool()
     if getattr(pool, "_tbrm_rg_warm", False):
         return
     with _warm_lock:
-        pool = _pool._get_pool()
+        pool = _pool.get_pool()
         if getattr(pool, "_tbrm_rg_warm", False):
             return
         n = pool._max_workers
@@ -98,11 +99,11 @@ def _ensure_warm() -> None:
         try:
             fn = _canonical()._worker_warm
             futs = [pool.submit(fn) for _ in range(n)]  # n idle workers take one each
-            startup = float(os.environ.get("TBRM_REWARD_STARTUP_TIMEOUT", "180"))
+            startup = _pool.startup_timeout()
             for f in futs:
                 f.result(timeout=startup)
         except BaseException as e:
-            _pool._discard_pool(pool)
+            _pool.discard_pool(pool)
             raise RewardPoolStartError(
                 f"tbrm_verl.tasks.reasoning_gym.reward: the reward pool could not import reasoning-gym "
                 f"({type(e).__name__}: {str(e).strip()[:300]}); pip install -e \".[reasoning_gym]\""
@@ -148,8 +149,8 @@ def score_response(data_source: Any, solution_str: Any, extra_info: Any, timeout
     text = solution_str[-MAX_RESPONSE_CHARS:]
     _ensure_warm()
     try:
-        return float(_pool._run_in_pool(_canonical()._worker_score, (task, text, entry), timeout_s))
-    except _pool._Timeout:
+        return float(_pool.run_in_pool(_canonical()._worker_score, (task, text, entry), timeout_s))
+    except _pool.PoolTimeout:
         logger.warning("reasoning-gym %s verifier timed out after %.1fs: scored wrong", task, timeout_s)
         return 0.0
     except BrokenProcessPool as e:
@@ -181,16 +182,5 @@ def compute_score(
     ``ground_truth`` is not used (the verifier reads the entry's own answer from ``extra_info``); extra keyword
     arguments that verl's reward loop passes are ignored.
     """
-    try:
-        wrong, right = CONVENTIONS[convention]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown reward convention {convention!r}; valid values: {', '.join(repr(c) for c in CONVENTIONS)}"
-        ) from None
-    try:
-        timeout_s = float(timeout_s)
-    except (TypeError, ValueError):
-        timeout_s = float("nan")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    wrong, right, timeout_s = reward_values(convention, timeout_s)
     return right if score_response(data_source, solution_str, extra_info, timeout_s) >= 1.0 else wrong
