@@ -78,11 +78,20 @@ SEAMS: tuple[Seam, ...] = (
          "tbrm_verl/trainer.py", "skipped: TBRM has no π_old"),
     Seam("verl.trainer.ppo.v1.trainer_sync:PPOTrainerSync._update_actor", "callable", ("batch", "metrics"),
          "tbrm_verl/trainer.py", "flags the actor update (and only it) for V(s_1)"),
+    Seam("verl.trainer.ppo.v1.trainer_base:PPOTrainer.on_validate_begin", "callable", (), "tbrm_verl/trainer.py",
+         "puts the compact progress line in place of verl's console logger, once fit() has built its Tracking"),
+    Seam("verl.trainer.ppo.v1.trainer_base:PPOTrainer.on_train_begin", "callable", (), "tbrm_verl/trainer.py",
+         "the same, when no validation runs before training"),
+    Seam("verl.utils.tracking:Tracking.__init__", "source", ("self.logger[",), "tbrm_verl/console.py",
+         "Tracking keeps its backends in the dict `self.logger` (name -> backend): the console entry is replaced"),
     # --- run-time replacements (functions replaced in the running process; verl's files untouched)
     Seam("torch.distributed:init_process_group", "callable", ("backend",), "tbrm_verl/cpu/platform.py",
          "CPU only: de-duplicates verl's `cpu:gloo,cpu:gloo` backend string, which gloo rejects", cpu_only=True),
     Seam("verl.workers.engine.fsdp.transformer_impl:CPUOffloadPolicy", "attr", used_in="tbrm_verl/cpu/platform.py",
          why="CPU only: verl passes pin_memory=True, which needs a GPU; replaced by an unpinned policy", cpu_only=True),
+    Seam("verl.trainer.main_ppo:pprint", "callable", (), "tbrm_verl/trainer.py",
+         "TaskRunner process only, unless run.print_config=full: verl's run() pprints the whole config (~900 lines); "
+         "replaced by a no-op (the driver writes the config to <run.dir>/config.yaml)"),
     Seam("verl.utils.model:load_valuehead_model", "callable",
          ("local_path", "torch_dtype", "model_config", "trust_remote_code"), "tbrm_verl/attn.py, tbrm_verl/cpu/platform.py",
          "verl's critic loader hard-codes flash_attention_2: wrapped to honour critic.model.override_config "
