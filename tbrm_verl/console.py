@@ -18,13 +18,13 @@ import re
 import shlex
 from typing import Literal, get_args
 
+from tbrm_verl.report import RESIDUAL_KEY, REWARD_KEY  # the keys the run report plots
+
 PrintConfig = Literal["deltas", "full"]
 Progress = Literal["compact", "verbose"]
 PRINT_CONFIG_CHOICES = get_args(PrintConfig)
 PROGRESS_CHOICES = get_args(Progress)
 
-REWARD_KEY = "critic/score/mean"  # the same keys as report.py's plot
-RESIDUAL_KEY = "actor/tbrm_residual_abs_mean"
 STEP_TIME_KEY = "timing_s/step"  # verl's wall time of a step (rollout to update, checkpoint included)
 VAL_ACC = re.compile(r"^val-core/([^/]+)/acc/mean@\d+$")
 
