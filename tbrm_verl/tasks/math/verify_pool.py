@@ -24,7 +24,6 @@ import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any, Callable
 
 __all__ = [
@@ -120,17 +119,10 @@ def importable_module(name: str):
     workers can unpickle.
 
     verl loads a custom reward file under a private name (``custom_module_<hash>``) that a spawned process cannot
-    import; in that case the repository root is added to ``sys.path`` (spawned children inherit it).
+    import. This module is itself imported as ``tbrm_verl.tasks.math.verify_pool`` (tasks/math/reward.py first puts
+    the repository root on ``sys.path`` when verl loads it by file path), so the package is importable here.
     """
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ImportError:
-        root = str(Path(__file__).resolve().parents[3])  # the repository root
-        if root not in sys.path:
-            sys.path.append(root)
-        return importlib.import_module(name)
+    return sys.modules.get(name) or importlib.import_module(name)
 
 
 def startup_timeout() -> float:
