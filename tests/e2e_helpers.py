@@ -156,11 +156,14 @@ class RunResult:
                 f"argv: {' '.join(self.argv)}\nlog tail:\n{self.tail()}")
 
 
-def run_main(run_dir: str, overrides: list[str], timeout_s: float = 600.0, leftover_grace_s: float = 20.0) -> RunResult:
+def run_main(run_dir: str, overrides: list[str], timeout_s: float = 600.0, leftover_grace_s: float = 20.0,
+             interrupt_at_checkpoint: int | None = None) -> RunResult:
     """Run `python -m tbrm_verl.main run.dir=run_dir *overrides` to completion, one process session of its own.
 
     On return no process of the run is alive: anything found after the CLI exited (plus `leftover_grace_s` for
     processes already shutting down) is recorded in `leftovers`, then killed. On timeout everything is killed.
+    With `interrupt_at_checkpoint=N` the CLI gets SIGINT (what Ctrl-C sends it) as soon as the checkpoint tracker
+    under run_dir/checkpoints names step N or later, and the run is then waited for like any other.
     """
     os.makedirs(run_dir, exist_ok=True)
     run_id = f"{SESSION_TAG}-{uuid.uuid4().hex[:8]}"
@@ -185,7 +188,14 @@ def run_main(run_dir: str, overrides: list[str], timeout_s: float = 600.0, lefto
         sids = {proc.pid}
         STARTED_SIDS.add(proc.pid)
         try:
-            rc = proc.wait(timeout=timeout_s)
+            if interrupt_at_checkpoint is not None:
+                tracker = os.path.join(run_dir, "checkpoints", "latest_checkpointed_iteration.txt")
+                while proc.poll() is None and time.time() - t0 < timeout_s:
+                    if os.path.exists(tracker) and int(open(tracker).read().strip() or 0) >= interrupt_at_checkpoint:
+                        proc.send_signal(signal.SIGINT)
+                        break
+                    time.sleep(0.25)
+            rc = proc.wait(timeout=max(1.0, timeout_s - (time.time() - t0)))
         except subprocess.TimeoutExpired:
             timed_out = True
             kill_pids([proc.pid] + [p.pid for p in owned(sids, {run_id}) if p.pid != proc.pid], grace_s=10)

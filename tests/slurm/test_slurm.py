@@ -5,17 +5,17 @@ a munge key and socket, a slurm.conf on free ports (SLURM_CONF, never /etc/slurm
 under one temporary directory; the node offers its real CPUs and one fake GPU (gres `gpu`, File=/dev/null) so that
 `--gpus-per-node` requests work like on a GPU cluster while training runs on tbrm_verl's CPU platform.
 
-* test_sbatch_trains_and_checkpoints: `sbatch --nodes=1 --gpus-per-node=1 slurm/tbrm.sbatch profile=cpu` (GPUs from
-  SLURM_GPUS_ON_NODE; the script states profile=gpu on a GPU allocation, and tbrm_verl.main never picks a profile
-  from the driver's hardware on a cluster, so this fake-GPU cluster states the CPU profile itself), 2 steps:
-  COMPLETED, 2 steps in metrics.jsonl, a checkpoint at global_step_2.
-* test_sbatch_requeue_resumes: `TBRM_SLURM_CPU=1 sbatch --gpus-per-node=0` (a CPU cluster), 4 steps with a
-  checkpoint every 2. Once global_step_2 is saved the test sends the job's batch shell SIGUSR1 (what
-  `--signal=B:USR1@...` delivers before the time limit): the script stops the trainer, stops Ray and requeues the
-  job; the second run must resume at step 3 (metrics.1.jsonl = first launch, metrics.jsonl starts at step 3) and the
-  job end COMPLETED with 4 steps. To make the signal land deterministically between the step-2 checkpoint and the end
-  of step 4, the first launch's reward function waits while a hold file exists and global_step_2 is on disk (the
-  test removes the file after signalling).
+* test_sbatch_trains_checkpoints_and_requeue_resumes: `sbatch --nodes=1 --gpus-per-node=1 slurm/tbrm.sbatch
+  profile=cpu` (ranks from SLURM_GPUS_ON_NODE; the script states profile=gpu on a GPU allocation, and
+  tbrm_verl.main never picks a profile from the driver's hardware on a cluster, so this fake-GPU cluster states the
+  CPU profile itself), 4 steps with a checkpoint every 2. Once global_step_2 is saved the test sends the job's batch
+  shell SIGUSR1 (what `--signal=B:USR1@...` delivers before the time limit): the script stops the trainer, stops Ray
+  and requeues the job; the second run must resume at step 3 (metrics.1.jsonl = first launch, metrics.jsonl starts
+  at step 3) and the job end COMPLETED with 4 steps and a checkpoint at global_step_4. To make the signal land
+  deterministically between the step-2 checkpoint and the end of step 4, the first launch's reward function waits
+  while a hold file exists and global_step_2 is on disk (the test removes the file after signalling). One job covers
+  what two did before (a plain 2-step job was a prefix of this one); the CPU-cluster spelling (`TBRM_SLURM_CPU=1
+  --gpus-per-node=0`) is checked without SLURM daemons in test_slurm_env.py.
 
 Teardown cancels every job, stops the daemons by their pid files and kills leftover processes of the test's Ray
 clusters by PID (never by name), pass or fail.
@@ -300,25 +300,6 @@ def _assert_no_ray_left(work: Path) -> None:
         raise AssertionError(f"Ray processes of the job survived it:\n{desc}")
 
 
-def test_sbatch_trains_and_checkpoints(slurm):
-    t0 = time.time()
-    job_id, run, out, work = _submit(slurm, "basic", ["--gpus-per-node=1"],
-                                     ["trainer.total_training_steps=2", "profile=cpu"], {})
-    job = _wait_job(slurm, job_id, out)
-    text = out.read_text(errors="replace")
-    assert job["JobState"] == "COMPLETED", f"job {job_id} ended {job['JobState']} ({job.get('ExitCode')}):\n{text[-6000:]}"
-    assert "1 of 1 Ray node(s) alive" in text, text[-3000:]
-    assert "trainer.nnodes=1 trainer.n_gpus_per_node=1 trainer.resume_mode=auto" in text, text[-3000:]
-    steps = _steps(run / "metrics.jsonl")
-    assert sorted(steps) == [1, 2], f"steps logged: {sorted(steps)}\n{text[-3000:]}"
-    assert all(math.isfinite(m["actor/tbrm_loss"]) for m in steps.values())
-    ckpt = run / "checkpoints"
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
-    assert any((ckpt / "global_step_2" / "actor").iterdir()), "empty actor checkpoint"
-    _assert_no_ray_left(work)
-    print(f"\nsbatch 1 node, 2 steps: {time.time() - t0:.0f} s")
-
-
 HOLD_REWARD = '''
 """Test-only reward: the project's, but the first launch waits once global_step_2 is saved (see test_slurm.py)."""
 import os
@@ -337,7 +318,7 @@ def compute_score(data_source=None, solution_str=None, ground_truth=None, extra_
 '''
 
 
-def test_sbatch_requeue_resumes(slurm):
+def test_sbatch_trains_checkpoints_and_requeue_resumes(slurm):
     t0 = time.time()
     reward = slurm.root / "hold_reward.py"
     reward.write_text(HOLD_REWARD)
@@ -346,11 +327,10 @@ def test_sbatch_requeue_resumes(slurm):
     name = "requeue"
     ckpt = slurm.root / name / "run" / "checkpoints"
     job_id, run, out, work = _submit(
-        slurm, name, ["--gpus-per-node=0"],
-        ["trainer.total_training_steps=4", f"reward.custom_reward_function.path={reward}",
+        slurm, name, ["--gpus-per-node=1"],
+        ["trainer.total_training_steps=4", "profile=cpu", f"reward.custom_reward_function.path={reward}",
          f"+reward.custom_reward_function.reward_kwargs.hold_file={hold}",
-         f"+reward.custom_reward_function.reward_kwargs.ckpt_dir={ckpt}"],
-        {"TBRM_SLURM_CPU": "1", "TBRM_LOGICAL_GPUS_PER_NODE": "1"})
+         f"+reward.custom_reward_function.reward_kwargs.ckpt_dir={ckpt}"], {})
 
     def saved_step_2(job):
         latest = ckpt / "latest_checkpointed_iteration.txt"
@@ -371,6 +351,9 @@ def test_sbatch_requeue_resumes(slurm):
     assert job["Restarts"] == "1", job
     assert "received SIGUSR1" in text and f"requeued job {job_id}" in text, text[-6000:]
     assert re.search(r"job \d+ run 1: nodes", text), text[-6000:]
+    assert "1 of 1 Ray node(s) alive" in text, text[-3000:]
+    # the rank count comes from the allocation's GPUs (SLURM_GPUS_ON_NODE), on both launches
+    assert text.count("trainer.nnodes=1 trainer.n_gpus_per_node=1 trainer.resume_mode=auto") >= 2, text[-3000:]
 
     first, second = _steps(run / "metrics.1.jsonl"), _steps(run / "metrics.jsonl")
     # the first launch may have finished step 3 (its rollouts can start before step 2's checkpoint), never step 4
@@ -378,5 +361,6 @@ def test_sbatch_requeue_resumes(slurm):
     assert sorted(second) == [3, 4], f"second launch logged steps {sorted(second)} (expected to resume at 3)"
     assert all(math.isfinite(m["actor/tbrm_loss"]) for m in second.values())
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert any((ckpt / "global_step_4" / "actor").iterdir()), "empty actor checkpoint"
     _assert_no_ray_left(work)
     print(f"\nsbatch requeue: signalled at {t_signal:.0f} s, done at {time.time() - t0:.0f} s")
