@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -84,6 +85,14 @@ def summarise_run(run_dir: str, per_step: int, wall_s: float) -> dict:
     }
 
 
+def hydra_value(text: str) -> str:
+    """`text` as one value of a Hydra override: quoted when it holds characters the override grammar reads as syntax
+    (`=`, `,`, spaces, brackets, ...), e.g. an output folder named `lr=1e-6`."""
+    if re.fullmatch(r"[A-Za-z0-9_/.:+~@-]+", text):
+        return text
+    return "'" + text.replace("'", "\\'") + "'"  # Hydra's quoted string: only the quote itself is escaped
+
+
 def run_one(method: str, seed: int, n_steps: int, args, extra: list[str], out_dir: str) -> dict:
     run_dir = os.path.join(out_dir, "runs", method, f"seed{seed}")
     done = os.path.join(run_dir, "summary.json")
@@ -95,7 +104,7 @@ def run_one(method: str, seed: int, n_steps: int, args, extra: list[str], out_di
     cmd = [sys.executable, "-m", "tbrm_verl.main", *METHODS[method], *seed_overrides(seed),
            f"trainer.total_training_steps={n_steps}", f"trainer.save_freq={save_freq}", "trainer.resume_mode=auto",
            "trainer.max_actor_ckpt_to_keep=1", "trainer.max_critic_ckpt_to_keep=1",
-           f"run.dir={run_dir}", *extra]
+           f"run.dir={hydra_value(run_dir)}", *extra]
     t0 = time.time()
     with open(os.path.join(run_dir, "stdout.log"), "a") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=out_dir, start_new_session=True)

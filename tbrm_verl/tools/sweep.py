@@ -12,7 +12,7 @@ Choice: per method, the point with the highest mean training reward over the las
 reward, not validation accuracy: the comparison later reports greedy validation on the same 100 problems, and a
 value picked on them would be tuned on the test set. Use seeds the comparison does not use (the default, 101 and
 102). Writes `D/sweep.json` (methods -> point -> compare's mean ± standard error per metric, and `chosen`) and
-`D/sweep.md` (one table, the chosen point per method in bold).
+`D/sweep.md` (one table, the chosen point per method in bold); points are named like `lr-1e-6__critic_lr-1e-4`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 
 from tbrm_verl.tools import compare
@@ -47,12 +48,13 @@ def points(axes: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
 
 
 def point_name(point: dict[str, str]) -> str:
-    """A folder name per point: the last part of each key and its value (`lr=1e-6,critic_lr=...` stays readable)."""
+    """A folder name per point: the last part of each key and its value, `lr-1e-6__critic_lr-1e-4`. No `=` or `,`:
+    the folder ends up in a `run.dir=...` override, where Hydra's grammar reads them as syntax."""
     parts = []
     for key, value in point.items():
         short = key.split(".")[-1] if key.startswith("actor_rollout_ref.") else key.replace(".optim", "").replace(".", "_")
-        parts.append(f"{short}={value}")
-    return ",".join(parts)
+        parts.append(f"{short}-{re.sub(r'[^A-Za-z0-9.+-]', '_', value)}")
+    return "__".join(parts)
 
 
 def choose(rows: dict[str, dict]) -> str:

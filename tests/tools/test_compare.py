@@ -106,3 +106,11 @@ def test_stderr_direct():
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / 2)
     assert compare.stderr(xs) == pytest.approx(sd / math.sqrt(3))
     assert math.isnan(compare.stderr([1.0]))
+
+
+@pytest.mark.parametrize("path", ["/tmp/plain/run", "/tmp/lr=1e-6/runs/x", "/tmp/a,b/c d", "/tmp/it's [1]", "/tmp/back\\slash"])
+def test_run_dir_reaches_hydra_unchanged(path):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    (o,) = OverridesParser.create().parse_overrides([f"run.dir={compare.hydra_value(path)}"])
+    assert o.key_or_group == "run.dir" and o.value() == path

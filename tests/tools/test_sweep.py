@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from tbrm_verl.tools import compare, sweep
 
@@ -20,7 +21,9 @@ class FakeRun:
 
     def __init__(self, cmd, stdout=None, stderr=None, cwd=None, start_new_session=False):
         FakeRun.calls.append(cmd)
-        kv = dict(a.split("=", 1) for a in cmd if "=" in a)
+        # what tbrm_verl.main would do first: Hydra parses every override (a folder name with `=` once broke this)
+        overrides = OverridesParser.create().parse_overrides([a for a in cmd[3:] if "=" in a])
+        kv = {o.key_or_group: str(o.value()) for o in overrides}
         r = fake_reward(float(kv["actor_rollout_ref.actor.optim.lr"]), kv["actor_rollout_ref.rollout.n"],
                         int(kv["data.seed"]))
         with open(f"{kv['run.dir']}/metrics.jsonl", "w") as f:
@@ -51,14 +54,14 @@ def test_every_method_at_every_point_and_the_choice_is_the_best_training_reward(
     doc = json.loads((tmp_path / "sweep.json").read_text())
     for method, n in (("tbrm_n1", "1"), ("grpo_n4", "4")):
         rows = doc["methods"][method]["points"]
-        assert sorted(rows) == sorted(f"lr={lr}" for lr in lrs)
+        assert sorted(rows) == sorted(f"lr-{lr}" for lr in lrs)
         for lr in lrs:
             want = sum(fake_reward(float(lr), n, s) for s in (101, 102)) / 2
-            assert rows[f"lr={lr}"]["train_reward_last_quarter"]["mean"] == pytest.approx(want)
+            assert rows[f"lr-{lr}"]["train_reward_last_quarter"]["mean"] == pytest.approx(want)
         best = max(lrs, key=lambda lr: fake_reward(float(lr), n, 0))
-        assert doc["methods"][method]["chosen"] == f"lr={best}"
-    assert doc["methods"]["tbrm_n1"]["chosen"] == "lr=1e-6" and doc["methods"]["grpo_n4"]["chosen"] == "lr=3e-6"
-    assert "| tbrm_n1 | **lr=1e-6** | 2 |" in (tmp_path / "sweep.md").read_text()
+        assert doc["methods"][method]["chosen"] == f"lr-{best}"
+    assert doc["methods"]["tbrm_n1"]["chosen"] == "lr-1e-6" and doc["methods"]["grpo_n4"]["chosen"] == "lr-3e-6"
+    assert "| tbrm_n1 | **lr-1e-6** | 2 |" in (tmp_path / "sweep.md").read_text()
 
     # resumable: a second invocation reruns nothing
     fake.calls = []
@@ -74,7 +77,7 @@ def test_two_axes_make_a_product(fake, tmp_path):
              dict(a.split("=", 1) for a in c if "=" in a)["critic.optim.lr"]) for c in fake.calls}
     assert seen == {("1e-6", "1e-5"), ("1e-6", "1e-4"), ("3e-6", "1e-5"), ("3e-6", "1e-4")}
     assert sorted(json.loads((tmp_path / "sweep.json").read_text())["methods"]["ppo_n1"]["points"]) == [
-        "lr=1e-6,critic_lr=1e-4", "lr=1e-6,critic_lr=1e-5", "lr=3e-6,critic_lr=1e-4", "lr=3e-6,critic_lr=1e-5"]
+        "lr-1e-6__critic_lr-1e-4", "lr-1e-6__critic_lr-1e-5", "lr-3e-6__critic_lr-1e-4", "lr-3e-6__critic_lr-1e-5"]
 
 
 def test_nan_never_wins():
