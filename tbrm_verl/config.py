@@ -298,9 +298,11 @@ def check_config(cfg: DictConfig) -> None:
                 "algorithm.rollout_correction.bypass_mode=false: TBRM has no π_old (no importance ratio), and verl "
                 "recomputes old log-probs unless bypassed; set algorithm.rollout_correction.bypass_mode=true"
             )
-        if cfg.trainer.v1.trainer_mode != "sync":
-            raise ConfigError(f"trainer.v1.trainer_mode={cfg.trainer.v1.trainer_mode}: TBRM's trainer is the sync one; "
-                              "set trainer.v1.trainer_mode=sync")
+        if cfg.trainer.v1.trainer_mode not in ("sync", "colocate_async"):
+            raise ConfigError(f"trainer.v1.trainer_mode={cfg.trainer.v1.trainer_mode}: TBRM runs in verl's sync and "
+                              "colocate_async trainers only (separate_async needs verl's detached actor worker and a "
+                              "non-naive weight-sync backend, not supported yet); set trainer.v1.trainer_mode=sync "
+                              "or colocate_async")
         if cfg.critic.enable:
             raise ConfigError("critic.enable=true: TBRM has no critic; set critic.enable=false")
 

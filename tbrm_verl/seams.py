@@ -48,8 +48,9 @@ SEAMS: tuple[Seam, ...] = (
     Seam("verl.workers.rollout.base:_ROLLOUT_REGISTRY", "dict", used_in="tbrm_verl/plugin.py",
          why="the in-worker rollout adapter of `cpu_hf`: verl has no public registration for it"),
     Seam("verl.trainer.ppo.v1.trainer_base:TRAINER_REGISTRY", "dict", used_in="tbrm_verl/trainer.py",
-         why="the `sync` entry is replaced by TBRM's trainer: the name must stay `sync` (it switches verl's replay "
-             "buffer and checkpoint behaviour) and verl's register refuses re-registration"),
+         why="the `sync` and `colocate_async` entries are replaced by this project's trainers: the names must stay "
+             "verl's (they switch verl's replay buffer and checkpoint behaviour) and verl's register refuses "
+             "re-registration"),
     # --- subclassing: the engine and the worker
     Seam("verl.workers.engine.fsdp.transformer_impl:FSDPEngineWithLMHead.prepare_model_inputs", "callable",
          ("micro_batch",), "tbrm_verl/engine.py", "TBRMEngine arms the V(s_1) hooks with the micro-batch"),
@@ -82,6 +83,13 @@ SEAMS: tuple[Seam, ...] = (
          "puts the compact progress line in place of verl's console logger, once fit() has built its Tracking"),
     Seam("verl.trainer.ppo.v1.trainer_base:PPOTrainer.on_train_begin", "callable", (), "tbrm_verl/trainer.py",
          "the same, when no validation runs before training"),
+    Seam("verl.trainer.ppo.v1.trainer_colocate_async:PPOTrainerColocateAsync.on_init_end", "callable", (),
+         "tbrm_verl/trainer.py", "colocate_async: installs the loss before verl pushes weights to the rollout"),
+    Seam("verl.trainer.ppo.v1.trainer_colocate_async:PPOTrainerColocateAsync.on_train_begin", "callable", (),
+         "tbrm_verl/trainer.py", "colocate_async: the compact progress line, then verl's warm-up batches"),
+    Seam("verl.workers.rollout.llm_server:FullyAsyncLLMServerClient.generate", "source", ("aborted",),
+         "tbrm_verl/cpu/rollout.py", "colocate_async resends prompt + partial tokens while a server answers "
+         "stop_reason `aborted`: what cpu_hf's abort_all_requests returns for the batch it stops", cpu_only=True),
     Seam("verl.utils.tracking:Tracking.__init__", "source", ("self.logger[",), "tbrm_verl/console.py",
          "Tracking keeps its backends in the dict `self.logger` (name -> backend): the console entry is replaced"),
     # --- run-time replacements (functions replaced in the running process; verl's files untouched)

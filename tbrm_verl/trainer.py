@@ -1,4 +1,8 @@
-"""TBRM's trainer: verl's v1 sync trainer with three changes, and the TaskRunner that selects it.
+"""TBRM's trainer: verl's v1 trainers (`sync` and `colocate_async`) with three changes, and the TaskRunner that
+selects them. The changes live in one mixin (_TBRM) put in front of verl's class for each mode, so both modes train
+exactly the same loss; `colocate_async` adds only what verl's mode does (partial rollouts aborted at the end of
+sampling and resumed with the new weights, warm-up batches, a staleness-aware replay buffer). TBRM needs no
+importance correction there: its residual is valid for trajectories from any behaviour policy.
 
 1. The TBRM loss replaces verl's PPO loss, installed once on the actor workers before the first weight sync.
 2. V(s_1) for the loss. `loss_variant=tbrm`: the actor worker is built with TBRM's engine (tbrm_verl/engine.py) and
@@ -12,7 +16,7 @@ What stays verl's: rollout, reward loop, reference log-probs (built only when `t
 checkpointing, resume, validation, logging, metrics (`timing_s/*`, `actor/*`, ...). No critic is built
 (`critic.enable=false`, advantage estimator `tbrm`).
 
-For every method (SyncTrainer, TaskRunner): the replay buffer's poll interval (`run.replay_poll_s`) and the console
+For every method (the _Console mixin, TaskRunner): the replay buffer's poll interval (`run.replay_poll_s`) and the console
 (tbrm_verl/console.py): verl's print of the whole config only with `run.print_config=full`, and one progress line
 per step in place of verl's console metric line unless `run.progress=verbose`.
 """
@@ -24,6 +28,7 @@ from functools import partial
 import ray
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import trainer_base
+from verl.trainer.ppo.v1.trainer_colocate_async import PPOTrainerColocateAsync
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from tbrm_verl.config import cfg_profile, check_profile_on_cluster, is_tbrm
@@ -42,9 +47,9 @@ def loss_config(config) -> TBRMLossConfig:
     )
 
 
-class SyncTrainer(PPOTrainerSync):
-    """verl's sync trainer with the replay buffer's poll interval configurable (`run.replay_poll_s`) and the compact
-    progress line (`run.progress`).
+class _Console:
+    """For every method and mode: the replay buffer's poll interval configurable (`run.replay_poll_s`) and the
+    compact progress line (`run.progress`).
 
     verl polls for finished rollouts every 2 s (not configurable), which rounds every step's generation time up to
     a multiple of 2 s: negligible on GPUs with minutes-long rollouts, most of a step on the CPU profile. Used for the
@@ -70,7 +75,9 @@ class SyncTrainer(PPOTrainerSync):
         super().on_train_begin()
 
 
-class TBRMTrainerSync(SyncTrainer):
+class _TBRM:
+    """TBRM's changes to a verl trainer class (put in front of it): the loss, V(s_1), no π_old."""
+
     def _lean_v(self) -> bool:
         return loss_config(self.config).loss_variant == "tbrm"
 
@@ -114,15 +121,39 @@ class TBRMTrainerSync(SyncTrainer):
             wg.update_actor = update_actor
 
 
+class SyncTrainer(_Console, PPOTrainerSync):
+    """verl's sync trainer, for the PPO and GRPO baselines."""
+
+
+class TBRMTrainerSync(_TBRM, SyncTrainer):
+    """TBRM on verl's sync trainer."""
+
+
+class ColocateAsyncTrainer(_Console, PPOTrainerColocateAsync):
+    """verl's colocate_async trainer, for the PPO and GRPO baselines (their importance correction is verl's
+    `algorithm.rollout_correction.*`)."""
+
+
+class TBRMTrainerColocateAsync(_TBRM, ColocateAsyncTrainer):
+    """TBRM on verl's colocate_async trainer: the same loss, no correction for stale or mixed-version rollouts."""
+
+
+TRAINERS = {  # trainer mode -> (TBRM's class, the baselines' class)
+    "sync": (TBRMTrainerSync, SyncTrainer),
+    "colocate_async": (TBRMTrainerColocateAsync, ColocateAsyncTrainer),
+}
+
+
 class TBRMTaskRunner(TaskRunnerV1.__ray_actor_class__):
-    """verl's v1 TaskRunner, with the `sync` trainer mode served by TBRMTrainerSync (TBRM) or SyncTrainer."""
+    """verl's v1 TaskRunner, with the trainer modes of TRAINERS served by this module's classes."""
 
     def run(self, config):
         # Here, on the cluster, the workers' hardware is known: refuse a profile that does not match it.
         check_profile_on_cluster(cfg_profile(config), ray.nodes())
-        # verl's registry refuses re-registration of a name; the mode name stays `sync` on purpose (the string
-        # switches replay-buffer and checkpoint behaviour), so the entry is replaced directly.
-        trainer_base.TRAINER_REGISTRY["sync"] = TBRMTrainerSync if is_tbrm(config) else SyncTrainer
+        # verl's registry refuses re-registration of a name; the mode names stay verl's on purpose (the string
+        # switches replay-buffer and checkpoint behaviour), so the entries are replaced directly.
+        for mode, (tbrm_cls, baseline_cls) in TRAINERS.items():
+            trainer_base.TRAINER_REGISTRY[mode] = tbrm_cls if is_tbrm(config) else baseline_cls
         if config.run.print_config != "full":
             # verl's run() pprints the whole resolved config (~900 lines; `pprint` serves nothing else in that
             # module); the driver wrote it to <run.dir>/config.yaml instead. This process is the TaskRunner's own.

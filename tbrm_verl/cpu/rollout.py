@@ -8,6 +8,10 @@ beside verl on a CPU machine. This backend plugs into the same seams as vLLM:
   batch (left padding, KV cache) and sampled with a per-request generator seeded from (seed, training step, prompt,
   occurrence), so a resumed run samples what an uninterrupted one would.
   `rollout.ignore_eos=true` (or a request's `ignore_eos`) samples past EOS to max_tokens, as vLLM does.
+  `abort_all_requests` / `resume_generation` behave as verl's vLLM server's (what `colocate_async` calls around the
+  weight sync): abort stops the batch in flight between two decoding steps and returns each request's tokens so far
+  with `stop_reason="aborted"` (verl's FullyAsyncLLMServerClient resends prompt + partial tokens later); until
+  resume, a new request waits (or, after `abort_all_requests(reject_request=True)`, comes back empty and aborted).
 * `CPURolloutReplica`, the replica class verl's LLMServerManager launches (one server per actor rank).
 * `CPUServerAdapter`, the rollout object inside each FSDP actor worker: after every actor update it receives the
   full weights from verl's checkpoint engine ("naive" backend) and loads them into its server.
@@ -21,6 +25,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -50,6 +55,18 @@ class _Request:
     seed: int
     future: asyncio.Future = field(repr=False)
     ignore_eos: bool = False
+    request_id: str = ""
+
+
+class _Control:
+    """Abort and resume state: `abort` is read by the generation thread between decoding steps; `gate` is closed from
+    abort_all_requests until resume_generation."""
+
+    def __init__(self):
+        self.abort = threading.Event()
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.reject = False
 
 
 def _request_seed(base_seed: int, global_steps: Optional[int], prompt_ids: list[int], occurrence: int) -> int:
@@ -108,6 +125,8 @@ class CPURolloutServer:
         self._pending: list[_Request] = []
         self._occurrences: dict[tuple, int] = {}
         self._worker: Optional[asyncio.Task] = None  # the one task batching pending requests (see _drain)
+        self._control = _Control()
+        self._in_flight: list[_Request] = []  # the batch being generated (abort_all_requests reports its ids)
 
     # ---- generation -------------------------------------------------------------------------------------------
     async def generate(
@@ -131,6 +150,12 @@ class CPURolloutServer:
                 f"Prompt length ({len(prompt_ids)}) leaves no room to generate within max_model_len "
                 f"({self.max_model_len}); raise data.max_prompt_length / rollout.prompt_length or shorten the prompt."
             )
+        ctl = self._control
+        if not ctl.gate.is_set():  # aborted and not resumed yet: what vLLM's server does
+            if ctl.reject:
+                return TokenOutput(token_ids=[], log_probs=[], stop_reason="aborted",
+                                   extra_fields={"global_steps": self.global_steps})
+            await ctl.gate.wait()
         params = dict(sampling_params)
         max_tokens = params.get("max_tokens", params.get("max_new_tokens"))
         if max_tokens is None:
@@ -148,15 +173,16 @@ class CPURolloutServer:
             future=asyncio.get_running_loop().create_future(),
             # as verl's vLLM server: the request's flag, else rollout.ignore_eos (fixed-length responses for benches)
             ignore_eos=bool(params.get("ignore_eos", getattr(self.config, "ignore_eos", False))),
+            request_id=request_id,
         )
         self._pending.append(req)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
-        token_ids, log_probs = await req.future
+        token_ids, log_probs, stop_reason = await req.future
         return TokenOutput(
             token_ids=token_ids,
             log_probs=log_probs,
-            stop_reason="completed",
+            stop_reason=stop_reason,
             extra_fields={"global_steps": self.global_steps},
         )
 
@@ -164,6 +190,9 @@ class CPURolloutServer:
         while self._pending:
             await asyncio.sleep(_BATCH_WINDOW_S)
             batch, self._pending = self._pending, []
+            if not batch:  # abort_all_requests took them while this task waited
+                continue
+            self._in_flight = batch
             try:
                 results = await asyncio.to_thread(self._generate_batch, batch)
             except Exception as exc:  # every waiting request gets the error, none hangs  # noqa: BLE001
@@ -174,9 +203,10 @@ class CPURolloutServer:
             for req, res in zip(batch, results, strict=True):
                 if not req.future.done():
                     req.future.set_result(res)
+            self._in_flight = []
 
     @torch.no_grad()
-    def _generate_batch(self, batch: list[_Request]) -> list[tuple[list[int], list[float]]]:
+    def _generate_batch(self, batch: list[_Request]) -> list[tuple[list[int], list[float], str]]:
         from transformers import DynamicCache
 
         bsz = len(batch)
@@ -197,6 +227,8 @@ class CPURolloutServer:
         )
         last_pos = position_ids[:, -1]
         for _ in range(max(r.max_tokens for r in batch)):
+            if self._control.abort.is_set():  # abort_all_requests: stop here, keep what each request has
+                break
             logits = out.logits[:, -1, :].float()
             next_ids = torch.full((bsz,), self.pad_id, dtype=torch.long)
             for i, r in enumerate(batch):
@@ -218,7 +250,7 @@ class CPURolloutServer:
                 past_key_values=cache,
                 use_cache=True,
             )
-        return list(zip(tokens, logps, strict=True))
+        return [(t, lp, "completed" if d else "aborted") for t, lp, d in zip(tokens, logps, done, strict=True)]
 
     # ---- weights and control -----------------------------------------------------------------------------------
     def update_weights(self, state_dict: dict[str, torch.Tensor], global_steps: Optional[int] = None) -> dict:
@@ -248,7 +280,29 @@ class CPURolloutServer:
         return f"{NAME}-replica-{self.replica_rank}", 0
 
     async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
-        return {"aborted_count": 0, "request_ids": []}
+        """Close the gate, stop the batch in flight between two decoding steps (its requests return their tokens so
+        far, `stop_reason="aborted"`) and return queued requests empty and aborted; generation stays paused until
+        resume_generation. verl's colocate_async trainer calls this after sampling, before the weight sync."""
+        ctl = self._control
+        ctl.gate.clear()
+        ctl.reject = reject_request
+        ctl.abort.set()
+        queued, self._pending = self._pending, []
+        in_flight = list(self._in_flight)
+        for req in queued:
+            if not req.future.done():
+                req.future.set_result(([], [], "aborted"))
+        if self._worker is not None and not self._worker.done():
+            await asyncio.wait([self._worker])
+        stopped = [r for r in in_flight if r.future.done() and not r.future.exception()
+                   and r.future.result()[2] == "aborted"]
+        ids = [r.request_id for r in stopped + queued]
+        return {"aborted_count": len(ids), "request_ids": ids}
+
+    async def resume_generation(self):
+        """Open the gate again (after the weight sync): parked requests and new ones are generated."""
+        self._control.abort.clear()
+        self._control.gate.set()
 
     async def abort_request(self, request_id: str) -> dict:
         return {"aborted": False, "request_id": request_id}
@@ -263,7 +317,6 @@ class CPURolloutServer:
     async def clear_kv_cache(self): ...
     async def release_kv_cache(self): ...
     async def resume_kv_cache(self): ...
-    async def resume_generation(self): ...
     async def resume_engine_generation(self): ...
     async def open_submission_gate(self): ...
     async def start_profile(self, **kwargs): ...

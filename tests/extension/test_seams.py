@@ -52,12 +52,15 @@ def test_every_overridden_verl_method_is_listed():
     """Each method a tbrm_verl class overrides on a verl base class is a seam, so it must be in the list."""
     from tbrm_verl import actor_worker, engine, trainer
 
-    classes = [trainer.SyncTrainer, trainer.TBRMTrainerSync, trainer.TBRMTaskRunner, engine.TBRMEngine,
+    classes = [trainer.SyncTrainer, trainer.TBRMTrainerSync, trainer.ColocateAsyncTrainer,
+               trainer.TBRMTrainerColocateAsync, trainer.TBRMTaskRunner, engine.TBRMEngine,
                actor_worker.TBRMTrainingWorker, actor_worker.TBRMActorRolloutRefWorker]
     missing = []
     for cls in classes:
         verl_bases = [b for b in cls.__mro__[1:] if b.__module__.startswith("verl.")]
-        for name in cls.__dict__:
+        # methods from tbrm_verl mixins count too: they override verl's methods once mixed in
+        own = {name for c in cls.__mro__ if c.__module__.startswith("tbrm_verl") for name in c.__dict__}
+        for name in sorted(own):
             if (name.startswith("__") and name != "__init__") or name == "_abc_impl":  # ABCMeta bookkeeping
                 continue
             for base in verl_bases:

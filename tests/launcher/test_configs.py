@@ -93,7 +93,15 @@ BAD = [
     (["run.print_config=all"], "run.print_config=all"),
     (["+run.verbose=true"], "run.verbose"),
     (["run.method=grpo"], "run.method=grpo"),  # the name alone, without method=grpo's settings
+    (["trainer.v1.trainer_mode=separate_async"], "trainer.v1.trainer_mode=separate_async"),
 ]
+
+
+@pytest.mark.parametrize("method", ["tbrm", "ppo", "grpo"])
+def test_colocate_async_is_accepted_for_every_method(method):
+    cfg = _compose(f"method={method}", "trainer.v1.trainer_mode=colocate_async")
+    check_config(cfg)  # raises ConfigError if refused
+    assert cfg.trainer.v1.trainer_mode == "colocate_async"
 
 
 @pytest.mark.parametrize("overrides, key", BAD)
