@@ -191,9 +191,12 @@ def run_main(run_dir: str, overrides: list[str], timeout_s: float = 600.0, lefto
             if interrupt_at_checkpoint is not None:
                 tracker = os.path.join(run_dir, "checkpoints", "latest_checkpointed_iteration.txt")
                 while proc.poll() is None and time.time() - t0 < timeout_s:
-                    if os.path.exists(tracker) and int(open(tracker).read().strip() or 0) >= interrupt_at_checkpoint:
-                        proc.send_signal(signal.SIGINT)
-                        break
+                    if os.path.exists(tracker):
+                        with open(tracker) as f:
+                            saved = int(f.read().strip() or 0)  # empty while verl writes it
+                        if saved >= interrupt_at_checkpoint:
+                            proc.send_signal(signal.SIGINT)
+                            break
                     time.sleep(0.25)
             rc = proc.wait(timeout=max(1.0, timeout_s - (time.time() - t0)))
         except subprocess.TimeoutExpired:

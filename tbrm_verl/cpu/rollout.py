@@ -122,6 +122,10 @@ class CPURolloutServer:
         self.max_model_len = (config.max_model_len or (config.prompt_length + config.response_length))
         self.base_seed = int(config.seed or 0)
         self.global_steps: Optional[int] = None
+        self._init_request_state()
+
+    def _init_request_state(self) -> None:
+        """The queue, batching and abort state (no model): also what tests build a server skeleton with."""
         self._pending: list[_Request] = []
         self._occurrences: dict[tuple, int] = {}
         self._worker: Optional[asyncio.Task] = None  # the one task batching pending requests (see _drain)

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from tbrm_verl.cpu.rollout import CPURolloutServer, _Control
+from tbrm_verl.cpu.rollout import CPURolloutServer
 
 VOCAB, TOKEN = 8, 5
 
@@ -32,7 +32,7 @@ def server(delay=0.01):
     s.config = SimpleNamespace(ignore_eos=False, response_length=400, seed=0)
     s.model, s.eos_ids, s.pad_id = SlowModel(delay), {3}, 0
     s.max_model_len, s.base_seed, s.replica_rank, s.global_steps = 1024, 0, 0, 7
-    s._pending, s._occurrences, s._worker, s._in_flight, s._control = [], {}, None, [], _Control()
+    s._init_request_state()
     return s
 
 

@@ -271,13 +271,13 @@ class _EosModel:
 
 
 def _server(ignore_eos: bool):
-    from tbrm_verl.cpu.rollout import CPURolloutServer, _Control
+    from tbrm_verl.cpu.rollout import CPURolloutServer
 
     s = object.__new__(CPURolloutServer)
     s.config = SimpleNamespace(ignore_eos=ignore_eos, response_length=6, seed=0)
     s.model, s.eos_ids, s.pad_id = _EosModel(), {3}, 0
     s.max_model_len, s.base_seed, s.replica_rank, s.global_steps = 32, 0, 0, 1
-    s._pending, s._occurrences, s._worker, s._in_flight, s._control = [], {}, None, [], _Control()
+    s._init_request_state()
     return s
 
 
