@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "hydra_configs"
 CONFIG_NAME = "tbrm_verl"
-TBRM_KEYS = {"beta", "reference_free", "loss_variant", "loss_scale", "reward_convention"}
+TBRM_KEYS = {"beta", "reference_free", "loss_variant", "loss_scale", "reward_convention", "reuse_window"}
 RUN_KEYS = {"dir", "task", "method", "replay_poll_s", "print_config", "progress"}
 METHODS = tuple(sorted(p.stem for p in (CONFIG_DIR / "method").glob("*.yaml")))  # the method=... choices
 # Old spellings (tbrm_verl <= the layout issue) -> the new key; None: removed (derived from run.method)
@@ -249,6 +249,14 @@ def check_config(cfg: DictConfig) -> None:
             "actor_rollout_ref.model.path is not set (task=dapo_math has no default model): launch a recipe "
             "(python -m tbrm_verl.main --config-dir recipes --config-name ...) or set actor_rollout_ref.model.path=..."
         )
+
+    reuse = t.get("reuse_window", 0)
+    if isinstance(reuse, bool) or not isinstance(reuse, int) or reuse < 0:
+        raise ConfigError(f"tbrm.reuse_window={reuse}: the number of past batches to train on again must be an integer "
+                          ">= 0 (0: no reuse)")
+    if reuse and not is_tbrm(cfg):
+        raise ConfigError(f"tbrm.reuse_window={reuse} with run.method={run.method}: reusing past trajectories is valid "
+                          "for TBRM only (PPO and GRPO would need an importance correction); drop tbrm.reuse_window")
 
     if is_tbrm(cfg):
         if not isinstance(t.beta, (int, float)) or t.beta <= 0:

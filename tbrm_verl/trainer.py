@@ -1,4 +1,4 @@
-"""TBRM's trainer: verl's v1 trainers (`sync` and `colocate_async`) with three changes, and the TaskRunner that
+"""TBRM's trainer: verl's v1 trainers (`sync` and `colocate_async`) with TBRM's changes, and the TaskRunner that
 selects them. The changes live in one mixin (_TBRM) put in front of verl's class for each mode, so both modes train
 exactly the same loss; `colocate_async` adds only what verl's mode does (partial rollouts aborted at the end of
 sampling and resumed with the new weights, warm-up batches, a staleness-aware replay buffer). TBRM needs no
@@ -11,6 +11,8 @@ importance correction there: its residual is valid for trajectories from any beh
    needs V at every position: the update runs with verl's logits hook (`distillation_use_topk`) and the loss sees the
    raw logits. Only the update sets either flag: the reference pass, the rollout and validation compute log-probs.
 3. No old-log-prob pass: TBRM has no importance ratio, so π_old is never needed (the PPO/GRPO baselines keep it).
+4. Optional trajectory reuse (`tbrm.reuse_window=k`): each update also trains on the last k batches, with their
+   stored π_ref log-probs (tbrm_verl/reuse.py); the window is saved with each checkpoint.
 
 What stays verl's: rollout, reward loop, reference log-probs (built only when `tbrm.reference_free=false`),
 checkpointing, resume, validation, logging, metrics (`timing_s/*`, `actor/*`, ...). No critic is built
@@ -23,6 +25,7 @@ per step in place of verl's console metric line unless `run.progress=verbose`.
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import ray
@@ -35,6 +38,7 @@ from tbrm_verl.config import cfg_profile, check_profile_on_cluster, is_tbrm
 from tbrm_verl.console import install_progress
 from tbrm_verl.lean_v import LEAN_V_FLAG
 from tbrm_verl.loss import TBRMLossConfig, tbrm_loss
+from tbrm_verl.reuse import CHECKPOINT_FILE, ReuseWindow, grown_mini_batch
 
 
 def loss_config(config) -> TBRMLossConfig:
@@ -103,22 +107,56 @@ class _TBRM:
     def _compute_old_log_prob(self, batch, metrics):
         return batch  # TBRM needs no π_old: the old-log-prob forward is skipped entirely
 
+    def _reuse_window(self) -> ReuseWindow:
+        if getattr(self, "_tbrm_reuse", None) is None:
+            self._tbrm_reuse = ReuseWindow(self.config.tbrm.reuse_window, trainer_base.tq)  # verl's own tq handle
+        return self._tbrm_reuse
+
     def _update_actor(self, batch, metrics):
+        # With tbrm.reuse_window=k the update trains on this batch plus the last k (tbrm_verl/reuse.py); the fresh
+        # batch alone goes on to verl's metrics and end-of-step clear.
+        window = self._reuse_window()
+        mixed, copies, reuse_metrics = window.mix(batch, self.global_steps) if window.k else (batch, [], {})
+        if copies:  # spread the grown batch over the data-parallel ranks (every part is a whole multiple: no padding)
+            mixed = self._balance_batch(mixed, metrics={})
+
         # The base method writes distillation_use_topk=False into the batch right before calling the worker
-        # group; set the V(s_1) flag in a wrapper around that one call.
+        # group; set the V(s_1) flag (and the grown mini-batch) in a wrapper around that one call.
         wg = self.actor_rollout_wg
         update_actor = wg.update_actor
         flag = LEAN_V_FLAG if self._lean_v() else "distillation_use_topk"
 
         def update_actor_with_v(b):
             b.extra_info[flag] = True
+            if copies:
+                for key in ("global_batch_size", "mini_batch_size"):
+                    b.extra_info[key] = grown_mini_batch(b.extra_info[key], len(batch), len(b))
             return update_actor(b)
 
         wg.update_actor = update_actor_with_v
         try:
-            return super()._update_actor(batch, metrics)
+            super()._update_actor(mixed, metrics)
         finally:
             wg.update_actor = update_actor
+            window.release(copies, batch.partition_id)
+        window.store(batch, self.global_steps)
+        metrics.update(reuse_metrics)
+        return batch
+
+    def _save_checkpoint(self):
+        window = self._reuse_window()
+        if window.k:  # before verl's save, which ends by writing the tracker file that makes the checkpoint count
+            window.save(os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}"))
+        super()._save_checkpoint()
+
+    def _load_checkpoint(self):
+        super()._load_checkpoint()
+        window = self._reuse_window()
+        if window.k and self.global_steps > 0:
+            folder = (self.config.trainer.resume_from_path if self.config.trainer.resume_mode == "resume_path"
+                      else os.path.join(self.config.trainer.default_local_dir, f"global_step_{self.global_steps}"))
+            if not window.load(folder):
+                print(f"tbrm_verl: {folder} holds no reuse window ({CHECKPOINT_FILE}): reuse starts empty")
 
 
 class SyncTrainer(_Console, PPOTrainerSync):

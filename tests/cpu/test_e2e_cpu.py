@@ -373,3 +373,38 @@ def test_ppo(runs, initial_weights):
     critic_dir = os.path.join(res.run_dir, "checkpoints", "global_step_2", "critic")
     assert os.path.isdir(critic_dir), os.listdir(os.path.dirname(critic_dir))
     check_weights_moved(res, 2, initial_weights)
+
+
+def test_tbrm_reuse_window_and_its_resume(runs, initial_weights):
+    # tbrm.reuse_window=2: each update also trains on the last two batches (tbrm_verl/reuse.py). Launch 1 trains 3
+    # steps and checkpoints at step 2; launch 2, in a fresh run_dir and a fresh process (empty TransferQueue),
+    # resumes from that checkpoint and trains step 3 again: its update must see the same 8 fresh + 16 reused rows
+    # (window restored from global_step_2/tbrm_reuse.pt), so its step-3 metrics equal launch 1's (same tolerance and
+    # reason as the Ctrl-C resume test). With the window lost, step 3 would train on 8 rows and differ.
+    cmd = TBRM_N1 + [c for c in COMMON if not c.startswith("trainer.resume_mode")] + [
+        "tbrm.reuse_window=2", "trainer.total_training_steps=3", "trainer.save_freq=2"]
+    (first,) = runs.get("H_tbrm_reuse", [cmd + ["trainer.resume_mode=auto"]])
+    m1 = check_ok(first)
+    assert list(m1) == [1, 2, 3]
+    assert [m1[s]["tbrm/reuse/rows"] for s in (1, 2, 3)] == [0, 8, 16]
+    assert [m1[s]["tbrm/reuse/age_mean"] for s in (1, 2, 3)] == [0, 1, 1.5]
+    # reused rows were sampled by older weights: their rollout log-probs differ from the actor's at steps 2 and 3
+    assert m1[1]["actor/tbrm_rollout_log_prob_diff_max"] < 1e-3 < min(m1[s]["actor/tbrm_rollout_log_prob_diff_max"]
+                                                                        for s in (2, 3))
+    ckpt2 = os.path.join(first.run_dir, "checkpoints", "global_step_2")
+    assert os.path.exists(os.path.join(ckpt2, "tbrm_reuse.pt"))
+    (second,) = runs.get("H2_tbrm_reuse_resumed", [cmd + ["trainer.resume_mode=resume_path",
+                                                         f"trainer.resume_from_path={ckpt2}"]])
+    m2 = check_ok(second)
+    assert list(m2) == [3], list(m2)
+    assert re.search(r"Resuming from \S*global_step_2, setting global step to 2", second.log), second.tail()
+    assert "reuse starts empty" not in second.log
+    assert m2[3]["tbrm/reuse/rows"] == 16 and m2[3]["tbrm/reuse/age_mean"] == 1.5
+    assert m2[3]["critic/score/mean"] == m1[3]["critic/score/mean"]  # the same fresh samples
+    for key in ("actor/tbrm_loss", "actor/tbrm_v_s1", "actor/tbrm_log_ratio_sum", "actor/tbrm_residual_mean",
+                "actor/tbrm_target", "actor/grad_norm"):
+        assert m2[3][key] == pytest.approx(m1[3][key], rel=1e-4, abs=1e-4), (key, m2[3][key], m1[3][key])
+    final_2 = check_weights_moved(second, 3, initial_weights)
+    final_1 = H.checkpoint_state(latest_actor_dir(first, 3))
+    moved = H.l2_distance(final_1, initial_weights, initial_weights.keys())
+    assert H.l2_distance(final_1, final_2, initial_weights.keys()) <= 1e-2 * moved

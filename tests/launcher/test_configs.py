@@ -94,7 +94,18 @@ BAD = [
     (["+run.verbose=true"], "run.verbose"),
     (["run.method=grpo"], "run.method=grpo"),  # the name alone, without method=grpo's settings
     (["trainer.v1.trainer_mode=separate_async"], "trainer.v1.trainer_mode=separate_async"),
+    (["tbrm.reuse_window=-1"], "tbrm.reuse_window=-1"),
+    (["tbrm.reuse_window=1.5"], "tbrm.reuse_window=1.5"),
+    (["method=grpo", "tbrm.reuse_window=2"], "tbrm.reuse_window=2 with run.method=grpo"),
+    (["method=ppo", "tbrm.reuse_window=1", "algorithm.use_kl_in_reward=true"], "tbrm.reuse_window=1 with run.method=ppo"),
 ]
+
+
+@pytest.mark.parametrize("extra", [[], ["tbrm.reference_free=true"], ["trainer.v1.trainer_mode=colocate_async"]])
+def test_reuse_is_accepted_for_tbrm(extra):
+    cfg = _compose("tbrm.reuse_window=2", *extra)
+    check_config(cfg)  # raises ConfigError if refused
+    assert cfg.tbrm.reuse_window == 2
 
 
 @pytest.mark.parametrize("method", ["tbrm", "ppo", "grpo"])
