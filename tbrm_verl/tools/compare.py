@@ -127,24 +127,45 @@ def run_one(method: str, seed: int, n_steps: int, args, extra: list[str], out_di
     return summary
 
 
+def first_quarter(run: dict) -> float:
+    """Mean training reward over the first quarter of the steps (from the run's curve): where the run started."""
+    rewards = run["curve"]["reward"]
+    q = max(1, len(rewards) // 4)
+    return sum(rewards[:q]) / q if rewards else float("nan")
+
+
+def val_by_step(seeds: dict[int, dict]) -> dict[str, float]:
+    """Mean greedy validation over seeds at each step every seed validated at (step 0 = before training)."""
+    curves = [dict(r["curve"]["val"]) for r in seeds.values()]
+    common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return {str(s): sum(c[s] for c in curves) / len(curves) for s in common}
+
+
 def aggregate(results: dict[str, dict[int, dict]]) -> dict:
     out = {}
     for method, seeds in results.items():
-        row = {"seeds": {str(s): {k: v for k, v in r.items() if k != "curve"} for s, r in seeds.items()}}
-        for key in ("final_val_acc", "train_reward_last_quarter", "rollouts", "wall_s", "time_per_step_s"):
-            xs = [r[key] for r in seeds.values() if not math.isnan(r[key])]
+        per_seed = {s: {**{k: v for k, v in r.items() if k != "curve"}, "train_reward_first_quarter": first_quarter(r)}
+                    for s, r in seeds.items()}
+        row = {"seeds": {str(s): r for s, r in per_seed.items()}}
+        for key in ("final_val_acc", "train_reward_first_quarter", "train_reward_last_quarter", "rollouts", "wall_s",
+                    "time_per_step_s"):
+            xs = [r[key] for r in per_seed.values() if not math.isnan(r[key])]
             row[key] = {"mean": sum(xs) / len(xs) if xs else float("nan"), "stderr": stderr(xs), "n": len(xs)}
+        row["val_by_step"] = val_by_step(seeds)
         out[method] = row
     return out
 
 
 def table(agg: dict) -> str:
-    lines = ["| method | seeds | final greedy validation | training reward, last quarter | rollouts | wall s | s/step |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | seeds | final greedy validation | greedy validation by step (mean) | training reward, last "
+             "quarter | training reward, first quarter | rollouts | wall s | s/step |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m, r in agg.items():
         pm = lambda k, f: f"{r[k]['mean']:{f}} ± {r[k]['stderr']:{f}}"  # noqa: E731
-        lines.append(f"| {m} | {r['final_val_acc']['n']} | {pm('final_val_acc', '.3f')} | "
-                     f"{pm('train_reward_last_quarter', '.3f')} | {r['rollouts']['mean']:.0f} | "
+        by_step = " → ".join(f"{v:.2f} ({s})" for s, v in r.get("val_by_step", {}).items()) or "–"
+        first = pm("train_reward_first_quarter", ".3f") if "train_reward_first_quarter" in r else "–"
+        lines.append(f"| {m} | {r['final_val_acc']['n']} | {pm('final_val_acc', '.3f')} | {by_step} | "
+                     f"{pm('train_reward_last_quarter', '.3f')} | {first} | {r['rollouts']['mean']:.0f} | "
                      f"{r['wall_s']['mean']:.0f} | {r['time_per_step_s']['mean']:.2f} |")
     return "\n".join(lines)
 

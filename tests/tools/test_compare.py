@@ -60,12 +60,16 @@ def test_grid_table_json_and_resume(fake, tmp_path):
             assert r["rollouts"] == 8 * 16 * n  # the embedded task: 16 prompts per step
             assert r["time_per_step_s"] == pytest.approx(1.0 + n)
             assert r["wall_s"] >= 0
+            first_quarter = [reward(seed, n, s) for s in (1, 2)]
+            assert r["train_reward_first_quarter"] == pytest.approx(sum(first_quarter) / 2)
         vals = [0.4 + 0.01 * s + 0.001 * n for s in (1, 2)]
+        assert doc["methods"][method]["val_by_step"] == pytest.approx({"0": 0.4, "8": sum(vals) / 2})
         agg = doc["methods"][method]["final_val_acc"]
         assert agg["mean"] == pytest.approx(sum(vals) / 2)
         assert agg["stderr"] == pytest.approx(0.005)  # sd of {a, a+0.01} is 0.01/√2; / √2
     assert (tmp_path / "comparison.png").stat().st_size > 0
-    assert "| tbrm_n1 | 2 |" in (tmp_path / "comparison.md").read_text()
+    md = (tmp_path / "comparison.md").read_text()
+    assert "| tbrm_n1 | 2 | 0.416 ± 0.005 | 0.40 (0) → 0.42 (8) |" in md
 
     # resumable: finished runs are kept; a run without its summary (interrupted) is run again
     (tmp_path / "runs" / "grpo_n4" / "seed2" / "summary.json").unlink()
