@@ -28,3 +28,14 @@ class TBRMActorRolloutRefWorker(ActorRolloutRefWorker):
     """verl's actor/rollout/ref worker with TBRMEngine for the actor; the reference keeps `TrainingWorker`."""
 
     actor_worker_cls = TBRMTrainingWorker
+
+
+def detach_actor_worker_class():
+    """separate_async: verl's DetachActorWorker (saves/restores the actor to CPU around its π_old pass) with TBRMEngine
+    for the actor. Built on first use: the module imports verl's experimental separation package."""
+    from verl.experimental.separation.engine_workers import DetachActorWorker
+
+    class TBRMDetachActorWorker(DetachActorWorker):
+        actor_worker_cls = TBRMTrainingWorker
+
+    return TBRMDetachActorWorker

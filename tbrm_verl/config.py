@@ -306,14 +306,16 @@ def check_config(cfg: DictConfig) -> None:
                 "algorithm.rollout_correction.bypass_mode=false: TBRM has no π_old (no importance ratio), and verl "
                 "recomputes old log-probs unless bypassed; set algorithm.rollout_correction.bypass_mode=true"
             )
-        if cfg.trainer.v1.trainer_mode not in ("sync", "colocate_async"):
-            raise ConfigError(f"trainer.v1.trainer_mode={cfg.trainer.v1.trainer_mode}: TBRM runs in verl's sync and "
-                              "colocate_async trainers only (separate_async needs verl's detached actor worker and a "
-                              "non-naive weight-sync backend, not supported yet); set trainer.v1.trainer_mode=sync "
-                              "or colocate_async")
+        for key in ("rollout_is", "rollout_rs"):
+            value = OmegaConf.select(cfg, f"algorithm.rollout_correction.{key}")
+            if value is not None:
+                raise ConfigError(f"algorithm.rollout_correction.{key}={value}: TBRM applies no importance correction "
+                                  f"(δ has no ratio; such weights would be ignored); set algorithm.rollout_correction."
+                                  f"{key}=null")
         if cfg.critic.enable:
             raise ConfigError("critic.enable=true: TBRM has no critic; set critic.enable=false")
 
+    _check_trainer_mode(cfg)
     _check_micro_batches(cfg)
     for key in ("data.train_files", "data.val_files"):
         for path in as_list(OmegaConf.select(cfg, key)):
@@ -355,6 +357,37 @@ def _check_micro_batches(cfg: DictConfig) -> None:
                 f"(ppo_mini_batch_size {mini} × rollout.n {n} / {world} ranks = {per_rank}); set it to a divisor "
                 f"of {per_rank}"
             )
+
+
+def _check_trainer_mode(cfg: DictConfig) -> None:
+    """verl's trainer modes; separate_async's requirements, which verl asserts only once the cluster is up."""
+    mode = cfg.trainer.v1.trainer_mode
+    _choice("trainer.v1.trainer_mode", mode, ("sync", "colocate_async", "separate_async"))
+    if mode != "separate_async":
+        return
+    key = "trainer.v1.trainer_mode=separate_async"
+    if cfg_profile(cfg) == "cpu":
+        raise ConfigError(f"{key}: it needs standalone rollout GPUs and a non-naive weight-sync backend (nccl, nixl, "
+                          "mooncake: none runs on CPU); on profile=cpu use trainer.v1.trainer_mode=colocate_async or sync")
+    rollout = cfg.actor_rollout_ref.rollout
+    if rollout.checkpoint_engine.backend == "naive":
+        raise ConfigError(f"actor_rollout_ref.rollout.checkpoint_engine.backend=naive with {key}: weights go to "
+                          "standalone rollout GPUs; set actor_rollout_ref.rollout.checkpoint_engine.backend=nccl")
+    for sub in ("nnodes", "n_gpus_per_node"):
+        if not rollout[sub] or rollout[sub] <= 0:
+            raise ConfigError(f"actor_rollout_ref.rollout.{sub}={rollout[sub]} with {key}: the standalone rollout "
+                              f"needs its own GPUs; set actor_rollout_ref.rollout.{sub} >= 1")
+    sync_step = cfg.trainer.v1.separate_async.parameter_sync_step
+    mini, batch = cfg.actor_rollout_ref.actor.ppo_mini_batch_size, cfg.data.train_batch_size
+    if batch != sync_step * mini:
+        fix = batch // sync_step if batch % sync_step == 0 else "data.train_batch_size / parameter_sync_step"
+        raise ConfigError(f"actor_rollout_ref.actor.ppo_mini_batch_size={mini} with {key}: data.train_batch_size "
+                          f"({batch}) must equal trainer.v1.separate_async.parameter_sync_step ({sync_step}) × "
+                          f"ppo_mini_batch_size; set ppo_mini_batch_size={fix}")
+    reuse = cfg.tbrm.get("reuse_window", 0)
+    if reuse and sync_step != 1:
+        raise ConfigError(f"tbrm.reuse_window={reuse} with trainer.v1.separate_async.parameter_sync_step={sync_step}: "
+                          "reuse mixes whole batches into one update; set parameter_sync_step=1 or drop the reuse")
 
 
 def check_with_verl(cfg: DictConfig) -> None:

@@ -104,6 +104,20 @@ SEAMS: tuple[Seam, ...] = (
          "tbrm_verl/trainer.py", "colocate_async: installs the loss before verl pushes weights to the rollout"),
     Seam("verl.trainer.ppo.v1.trainer_colocate_async:PPOTrainerColocateAsync.on_train_begin", "callable", (),
          "tbrm_verl/trainer.py", "colocate_async: the compact progress line, then verl's warm-up batches"),
+    Seam("verl.trainer.ppo.v1.trainer_separate_async:PPOTrainerSeparateAsync._init_resource_pool_mgr", "callable", (),
+         "tbrm_verl/trainer.py", "separate_async (GPU): maps the actor to DetachActorWorker, replaced by its TBRM "
+         "subclass (tbrm_verl/actor_worker.py)"),
+    Seam("verl.trainer.ppo.v1.trainer_separate_async:PPOTrainerSeparateAsync._compute_old_log_prob", "callable",
+         ("batch", "metrics"), "tbrm_verl/trainer.py", "separate_async: skipped, with its CPU copy of the actor"),
+    Seam("verl.trainer.ppo.v1.trainer_separate_async:PPOTrainerSeparateAsync.on_init_end", "callable", (),
+         "tbrm_verl/trainer.py", "separate_async: installs the loss before verl pushes weights to the rollout"),
+    Seam("verl.trainer.ppo.v1.trainer_separate_async:PPOTrainerSeparateAsync.on_train_begin", "callable", (),
+         "tbrm_verl/trainer.py", "separate_async: the compact progress line, then verl's own hook"),
+    Seam("verl.trainer.ppo.v1.trainer_separate_async:PPOTrainerSeparateAsync.on_validate_begin", "callable", (),
+         "tbrm_verl/trainer.py", "separate_async: the compact progress line, then verl's own hook"),
+    Seam("verl.experimental.separation.engine_workers:DetachActorWorker.actor_worker_cls", "attr",
+         used_in="tbrm_verl/actor_worker.py", why="separate_async's actor worker; its TBRM subclass swaps the "
+         "training worker class for TBRMEngine, as TBRMActorRolloutRefWorker does"),
     Seam("verl.workers.rollout.llm_server:FullyAsyncLLMServerClient.generate", "source", ("aborted",),
          "tbrm_verl/cpu/rollout.py", "colocate_async resends prompt + partial tokens while a server answers "
          "stop_reason `aborted`: what cpu_hf's abort_all_requests returns for the batch it stops", cpu_only=True),

@@ -1,7 +1,8 @@
-"""TBRM's trainer: verl's v1 trainers (`sync` and `colocate_async`) with TBRM's changes, and the TaskRunner that
-selects them. The changes live in one mixin (_TBRM) put in front of verl's class for each mode, so both modes train
-exactly the same loss; `colocate_async` adds only what verl's mode does (partial rollouts aborted at the end of
-sampling and resumed with the new weights, warm-up batches, a staleness-aware replay buffer). TBRM needs no
+"""TBRM's trainer: verl's v1 trainers (`sync`, `colocate_async`, and `separate_async` on GPUs) with TBRM's changes,
+and the TaskRunner that selects them. The changes live in one mixin (_TBRM) put in front of verl's class for each
+mode, so every mode trains exactly the same loss; the async modes add only what verl's modes do (`colocate_async`:
+partial rollouts aborted at the end of sampling and resumed with the new weights, warm-up batches, a staleness-aware
+replay buffer; `separate_async`: rollout on its own GPUs, weights pushed every few mini-batches). TBRM needs no
 importance correction there: its residual is valid for trajectories from any behaviour policy.
 
 1. The TBRM loss replaces verl's PPO loss, installed once on the actor workers before the first weight sync.
@@ -32,6 +33,7 @@ import ray
 from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.v1 import trainer_base
 from verl.trainer.ppo.v1.trainer_colocate_async import PPOTrainerColocateAsync
+from verl.trainer.ppo.v1.trainer_separate_async import PPOTrainerSeparateAsync
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
 from tbrm_verl.config import cfg_profile, check_profile_on_cluster, is_tbrm
@@ -91,13 +93,15 @@ class _TBRM:
             return
         from verl.trainer.ppo.utils import Role
 
-        from tbrm_verl.actor_worker import TBRMActorRolloutRefWorker
+        from tbrm_verl.actor_worker import TBRMActorRolloutRefWorker, detach_actor_worker_class
 
         # the worker that holds the actor (with the rollout, and the reference when colocated); a separate
-        # reference worker (Role.RefPolicy) keeps verl's class
+        # reference worker (Role.RefPolicy) keeps verl's class. separate_async's base maps the actor to verl's
+        # DetachActorWorker: its TBRM counterpart keeps that class's CPU save/restore.
+        worker = detach_actor_worker_class() if self.trainer_mode == "separate_async" else TBRMActorRolloutRefWorker
         for role in (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef):
             if role in self.role_worker_mapping:
-                self.role_worker_mapping[role] = ray.remote(TBRMActorRolloutRefWorker)
+                self.role_worker_mapping[role] = ray.remote(worker)
 
     def on_init_end(self):
         # Installed before the base hook, which pushes weights to the rollout and may start work.
@@ -176,9 +180,20 @@ class TBRMTrainerColocateAsync(_TBRM, ColocateAsyncTrainer):
     """TBRM on verl's colocate_async trainer: the same loss, no correction for stale or mixed-version rollouts."""
 
 
+class SeparateAsyncTrainer(_Console, PPOTrainerSeparateAsync):
+    """verl's separate_async trainer (GPU only: standalone rollout GPUs, a non-naive weight-sync backend), for the
+    PPO and GRPO baselines."""
+
+
+class TBRMTrainerSeparateAsync(_TBRM, SeparateAsyncTrainer):
+    """TBRM on verl's separate_async trainer: rollout on its own GPUs, weights pushed every parameter_sync_step
+    mini-batches; the same loss, no π_old (verl's CPU copy of the actor for decoupled PPO is never made)."""
+
+
 TRAINERS = {  # trainer mode -> (TBRM's class, the baselines' class)
     "sync": (TBRMTrainerSync, SyncTrainer),
     "colocate_async": (TBRMTrainerColocateAsync, ColocateAsyncTrainer),
+    "separate_async": (TBRMTrainerSeparateAsync, SeparateAsyncTrainer),
 }
 
 

@@ -53,8 +53,9 @@ def test_every_overridden_verl_method_is_listed():
     from tbrm_verl import actor_worker, engine, trainer
 
     classes = [trainer.SyncTrainer, trainer.TBRMTrainerSync, trainer.ColocateAsyncTrainer,
-               trainer.TBRMTrainerColocateAsync, trainer.TBRMTaskRunner, engine.TBRMEngine,
-               actor_worker.TBRMTrainingWorker, actor_worker.TBRMActorRolloutRefWorker]
+               trainer.TBRMTrainerColocateAsync, trainer.SeparateAsyncTrainer, trainer.TBRMTrainerSeparateAsync,
+               trainer.TBRMTaskRunner, engine.TBRMEngine, actor_worker.TBRMTrainingWorker,
+               actor_worker.TBRMActorRolloutRefWorker, actor_worker.detach_actor_worker_class()]
     missing = []
     for cls in classes:
         verl_bases = [b for b in cls.__mro__[1:] if b.__module__.startswith("verl.")]
