@@ -113,7 +113,7 @@ class _TBRM:
 
     def _reuse_window(self) -> ReuseWindow:
         if getattr(self, "_tbrm_reuse", None) is None:
-            self._tbrm_reuse = ReuseWindow(self.config.tbrm.reuse_window, trainer_base.tq)  # verl's own tq handle
+            self._tbrm_reuse = ReuseWindow(self.config.tbrm.get("reuse_window", 0), trainer_base.tq)  # verl's own tq handle
         return self._tbrm_reuse
 
     def _update_actor(self, batch, metrics):
@@ -142,9 +142,11 @@ class _TBRM:
             super()._update_actor(mixed, metrics)
         finally:
             wg.update_actor = update_actor
-            window.release(copies, batch.partition_id)
-        window.store(batch, self.global_steps)
-        metrics.update(reuse_metrics)
+            if copies:
+                window.release(copies, batch.partition_id)
+        if window.k:
+            window.store(batch, self.global_steps)
+            metrics.update(reuse_metrics)
         return batch
 
     def _save_checkpoint(self):

@@ -334,6 +334,7 @@ def test_trainer_flags_and_actor_worker(monkeypatch, variant):
     trainer = object.__new__(TBRMTrainerSync)
     trainer.config = OmegaConf.create({"tbrm": {"beta": 0.1, "loss_variant": variant, "loss_scale": "delta",
                                                 "reference_free": False}})
+    trainer.trainer_mode = "sync"  # set by verl's PPOTrainer.__init__
     trainer.actor_rollout_wg = WorkerGroup()
     batch = Batch()
     batch.extra_info = {}

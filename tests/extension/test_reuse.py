@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensordict import TensorDict
 from transfer_queue import KVBatchMeta
 from verl.trainer.ppo.v1 import trainer_base
@@ -86,9 +87,10 @@ class FakeVerlTrainer:
     """What _TBRM calls on verl's trainer, as verl 0.9.1 does it (trainer_base._update_actor sets the mini-batch)."""
 
     def __init__(self, k, tq, W, ckpt_dir):
-        self.config = SimpleNamespace(
-            tbrm=SimpleNamespace(beta=BETA, loss_variant="tbrm", loss_scale="delta", reference_free=False, reuse_window=k),
-            trainer=SimpleNamespace(default_local_dir=ckpt_dir, resume_mode="auto", resume_from_path=None))
+        self.config = OmegaConf.create({  # the keys the mixin reads, as the composed config holds them
+            "tbrm": {"beta": BETA, "loss_variant": "tbrm", "loss_scale": "delta", "reference_free": False,
+                     "reuse_window": k},
+            "trainer": {"default_local_dir": ckpt_dir, "resume_mode": "auto", "resume_from_path": None}})
         self.actor_rollout_wg = FakeWorkers(tq, W)
         self.global_steps = 0
         self.balanced = 0
