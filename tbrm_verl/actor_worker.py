@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
@@ -30,6 +31,7 @@ class TBRMActorRolloutRefWorker(ActorRolloutRefWorker):
     actor_worker_cls = TBRMTrainingWorker
 
 
+@functools.cache  # one class for the whole process, however often the trainer or a test asks
 def detach_actor_worker_class():
     """separate_async: verl's DetachActorWorker (saves/restores the actor to CPU around its π_old pass) with TBRMEngine
     for the actor. Built on first use: the module imports verl's experimental separation package."""
