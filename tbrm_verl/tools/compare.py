@@ -13,7 +13,8 @@ launch; its last validation counts). Extra `key=value` arguments go to every run
 Resumable: a run that finished writes `summary.json` in its folder and is never rerun; an interrupted one resumes
 from its latest checkpoint (verl's `trainer.resume_mode=auto`) when the same command is given again. Writes to
 --out-dir: `comparison.json` (methods → name → seeds → seed → final_val_acc, train_reward_last_quarter, rollouts,
-wall_s, time_per_step_s, plus per-method mean ± standard error), `comparison.md` (the table) and `comparison.png`
+wall_s, time_per_step_s, staleness_mean (verl's trajectory staleness averaged over the steps: 0 in sync mode), plus
+per-method mean ± standard error), `comparison.md` (the table) and `comparison.png`
 (validation accuracy and smoothed training reward against steps and against rollouts, a band per method).
 """
 
@@ -32,11 +33,24 @@ import time
 from tbrm_verl import report
 from tbrm_verl.tools.bench import METHODS as BENCH_METHODS
 
+_ASYNC = "trainer.v1.trainer_mode=colocate_async"
 METHODS: dict[str, list[str]] = {
     **BENCH_METHODS,
     "brm_n4": ["method=tbrm", "actor_rollout_ref.rollout.n=4", "tbrm.loss_variant=brm"],  # the paper's Fig. 5
+    # off-policy variants (docs/off_policy.md): verl's colocate_async trainer with 1 or 2 batches sampled ahead
+    # (trajectories up to 1 or 2 weight versions old), GRPO there with and without verl's rollout correction, and
+    # TBRM's trajectory reuse (each batch trained on again in up to k later steps)
+    "tbrm_n1_async1": [*BENCH_METHODS["tbrm_n1"], _ASYNC, "trainer.v1.colocate_async.num_warmup_batches=1"],
+    "tbrm_n1_async2": [*BENCH_METHODS["tbrm_n1"], _ASYNC, "trainer.v1.colocate_async.num_warmup_batches=2"],
+    "tbrm_n1_reuse2": [*BENCH_METHODS["tbrm_n1"], "tbrm.reuse_window=2"],
+    "tbrm_n1_reuse4": [*BENCH_METHODS["tbrm_n1"], "tbrm.reuse_window=4"],
+    "grpo_n4_async1": [*BENCH_METHODS["grpo_n4"], _ASYNC, "trainer.v1.colocate_async.num_warmup_batches=1"],
+    "grpo_n4_async1_is": [*BENCH_METHODS["grpo_n4"], _ASYNC, "trainer.v1.colocate_async.num_warmup_batches=1",
+                          "algorithm.rollout_correction.rollout_is=token",
+                          "algorithm.rollout_correction.rollout_is_threshold=2.0"],
 }
 BUDGETS = ("steps", "rollouts", "wall")
+STALENESS_KEY = "training/off_policy/trajectory_staleness/mean"  # verl's: weight versions a trained trajectory lags
 
 
 def seed_overrides(seed: int) -> list[str]:
@@ -73,6 +87,7 @@ def summarise_run(run_dir: str, per_step: int, wall_s: float) -> dict:
     q = max(1, len(rewards) // 4)
     val = report.validation_curve(steps)
     step_times = [m["timing_s/step"] for s, m in trained.items() if "timing_s/step" in m and s > 1]
+    staleness = [m[STALENESS_KEY] for m in trained.values() if STALENESS_KEY in m]
     return {
         "final_val_acc": val[1][-1][1] if val else float("nan"),
         "final_val_step": val[1][-1][0] if val else None,
@@ -81,6 +96,7 @@ def summarise_run(run_dir: str, per_step: int, wall_s: float) -> dict:
         "rollouts": len(trained) * per_step,
         "wall_s": wall_s,
         "time_per_step_s": sum(step_times) / len(step_times) if step_times else float("nan"),
+        "staleness_mean": sum(staleness) / len(staleness) if staleness else float("nan"),
         "curve": {"steps": sorted(trained), "reward": rewards, "val": val[1] if val else []},
     }
 
@@ -148,8 +164,8 @@ def aggregate(results: dict[str, dict[int, dict]]) -> dict:
                     for s, r in seeds.items()}
         row = {"seeds": {str(s): r for s, r in per_seed.items()}}
         for key in ("final_val_acc", "train_reward_first_quarter", "train_reward_last_quarter", "rollouts", "wall_s",
-                    "time_per_step_s"):
-            xs = [r[key] for r in per_seed.values() if not math.isnan(r[key])]
+                    "time_per_step_s", "staleness_mean"):
+            xs = [r[key] for r in per_seed.values() if not math.isnan(r.get(key, math.nan))]  # older summaries lack some
             row[key] = {"mean": sum(xs) / len(xs) if xs else float("nan"), "stderr": stderr(xs), "n": len(xs)}
         row["val_by_step"] = val_by_step(seeds)
         out[method] = row
@@ -158,15 +174,17 @@ def aggregate(results: dict[str, dict[int, dict]]) -> dict:
 
 def table(agg: dict) -> str:
     lines = ["| method | seeds | final greedy validation | greedy validation by step (mean) | training reward, last "
-             "quarter | training reward, first quarter | rollouts | wall s | s/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "quarter | training reward, first quarter | rollouts | wall s | s/step | staleness |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for m, r in agg.items():
         pm = lambda k, f: f"{r[k]['mean']:{f}} ± {r[k]['stderr']:{f}}"  # noqa: E731
         by_step = " → ".join(f"{v:.2f} ({s})" for s, v in r.get("val_by_step", {}).items()) or "–"
         first = pm("train_reward_first_quarter", ".3f") if "train_reward_first_quarter" in r else "–"
+        stale = r.get("staleness_mean", {"n": 0})
+        stale = f"{stale['mean']:.2f}" if stale["n"] else "–"  # mean over steps and seeds; – where verl logged none
         lines.append(f"| {m} | {r['final_val_acc']['n']} | {pm('final_val_acc', '.3f')} | {by_step} | "
                      f"{pm('train_reward_last_quarter', '.3f')} | {first} | {r['rollouts']['mean']:.0f} | "
-                     f"{r['wall_s']['mean']:.0f} | {r['time_per_step_s']['mean']:.2f} |")
+                     f"{r['wall_s']['mean']:.0f} | {r['time_per_step_s']['mean']:.2f} | {stale} |")
     return "\n".join(lines)
 
 

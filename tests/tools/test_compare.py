@@ -26,6 +26,8 @@ class FakeRun:
             f.write(json.dumps({"step": 0, "data": {"val-core/t/acc/mean@1": 0.4}}) + "\n")
             for s in range(1, steps + 1):
                 data = {"critic/score/mean": reward(seed, n, s), "timing_s/step": 1.0 + n}
+                if "trainer.v1.trainer_mode=colocate_async" in cmd:  # verl logs staleness per step; here a known one
+                    data[compare.STALENESS_KEY] = staleness(seed, s)
                 if s == steps:
                     data["val-core/t/acc/mean@1"] = 0.4 + 0.01 * seed + 0.001 * n
                 f.write(json.dumps({"step": s, "data": data}) + "\n")
@@ -37,6 +39,10 @@ class FakeRun:
 
 def reward(seed, n, step):
     return random.Random(f"{seed}-{n}-{step}").random()
+
+
+def staleness(seed, step):
+    return ((seed + step) % 3) / 2
 
 
 @pytest.fixture
@@ -70,6 +76,7 @@ def test_grid_table_json_and_resume(fake, tmp_path):
     assert (tmp_path / "comparison.png").stat().st_size > 0
     md = (tmp_path / "comparison.md").read_text()
     assert "| tbrm_n1 | 2 | 0.416 ± 0.005 | 0.40 (0) → 0.42 (8) |" in md
+    assert all(line.endswith("| – |") for line in md.splitlines()[2:])  # no staleness logged: a dash, not a 0
 
     # resumable: finished runs are kept; a run without its summary (interrupted) is run again
     (tmp_path / "runs" / "grpo_n4" / "seed2" / "summary.json").unlink()
@@ -118,3 +125,26 @@ def test_run_dir_reaches_hydra_unchanged(path):
 
     (o,) = OverridesParser.create().parse_overrides([f"run.dir={compare.hydra_value(path)}"])
     assert o.key_or_group == "run.dir" and o.value() == path
+
+
+def test_staleness_is_the_mean_of_verls_per_step_metric(fake, tmp_path):
+    assert compare.main(["--methods", "tbrm_n1", "--seeds", "1,2", "--steps", "6", "--out-dir", str(tmp_path),
+                         "trainer.v1.trainer_mode=colocate_async"]) == 0
+    doc = json.loads((tmp_path / "comparison.json").read_text())
+    per_seed = {seed: sum(staleness(seed, s) for s in range(1, 7)) / 6 for seed in (1, 2)}
+    for seed, want in per_seed.items():
+        assert doc["methods"]["tbrm_n1"]["seeds"][str(seed)]["staleness_mean"] == pytest.approx(want)
+    assert doc["methods"]["tbrm_n1"]["staleness_mean"]["mean"] == pytest.approx(sum(per_seed.values()) / 2)
+    md = (tmp_path / "comparison.md").read_text()
+    assert md.splitlines()[2].endswith(f"| {sum(per_seed.values()) / 2:.2f} |")
+
+
+@pytest.mark.parametrize("method", list(compare.METHODS))
+def test_every_method_composes_and_passes_the_launchers_checks(method):
+    """A grid must not die at its 40th run on a config error: each named method is a valid launch of the embedded task."""
+    from tbrm_verl.config import check_config, check_with_verl, compose, finish_config
+
+    cfg = compose(compare.METHODS[method])
+    check_config(cfg)
+    check_with_verl(finish_config(cfg))  # finish_config builds (or reuses) the embedded model, as main does
+    assert compare.rollouts_per_step(method, []) == 16 * int(cfg.actor_rollout_ref.rollout.n)
