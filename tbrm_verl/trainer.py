@@ -27,6 +27,7 @@ per step in place of verl's console metric line unless `run.progress=verbose`.
 from __future__ import annotations
 
 import os
+import time
 from functools import partial
 
 import ray
@@ -53,6 +54,9 @@ def loss_config(config) -> TBRMLossConfig:
     )
 
 
+PAUSE_AFTER_CHECKPOINT_ENV = "TBRM_TEST_PAUSE_AFTER_CHECKPOINT_S"
+
+
 class _Console:
     """For every method and mode: the replay buffer's poll interval configurable (`run.replay_poll_s`) and the
     compact progress line (`run.progress`).
@@ -66,6 +70,20 @@ class _Console:
         buffer = super()._build_replay_buffer()
         buffer.poll_interval = float(self.config.run.replay_poll_s)
         return buffer
+
+    def _save_checkpoint(self):
+        super()._save_checkpoint()
+        self._checkpoint_just_saved = True
+
+    def on_step_begin(self):
+        # Tests only: the Ctrl-C/resume tests interrupt once a checkpoint is saved; on a fast machine the tiny runs
+        # finished their last steps before the signal landed. Pausing at the start of the step after a checkpoint
+        # (its step's metrics already logged) gives the signal a window. Unset: no-op.
+        pause = os.environ.get(PAUSE_AFTER_CHECKPOINT_ENV)
+        if pause and getattr(self, "_checkpoint_just_saved", False):
+            time.sleep(float(pause))
+        self._checkpoint_just_saved = False
+        super().on_step_begin()
 
     def _compact_progress(self):
         # verl's fit() builds its Tracking (self.logger) right before the first validation or the training loop

@@ -178,6 +178,8 @@ def run_main(run_dir: str, overrides: list[str], timeout_s: float = 600.0, lefto
         "VERL_LOGGING_LEVEL": "INFO",  # the tests read verl's INFO lines (worker groups built, resume)
     })
     env.pop("RAY_ADDRESS", None)  # never attach to someone else's cluster
+    if interrupt_at_checkpoint is not None:  # a window for the signal after each checkpoint (tbrm_verl/trainer.py)
+        env["TBRM_TEST_PAUSE_AFTER_CHECKPOINT_S"] = "60"
     argv = [PYTHON, "-m", "tbrm_verl.main", f"run.dir={run_dir}", *overrides]
     log_path = os.path.join(run_dir, f"stdout.{len(glob.glob(os.path.join(run_dir, 'stdout.*.log')))}.log")
     t0 = time.time()
