@@ -163,7 +163,9 @@ def run_main(run_dir: str, overrides: list[str], timeout_s: float = 600.0, lefto
     On return no process of the run is alive: anything found after the CLI exited (plus `leftover_grace_s` for
     processes already shutting down) is recorded in `leftovers`, then killed. On timeout everything is killed.
     With `interrupt_at_checkpoint=N` the CLI gets SIGINT (what Ctrl-C sends it) as soon as the checkpoint tracker
-    under run_dir/checkpoints names step N or later, and the run is then waited for like any other.
+    under run_dir/checkpoints names step N or later, and the run is then waited for like any other; the run pauses at
+    the start of the step after each checkpoint (TBRM_TEST_PAUSE_AFTER_CHECKPOINT_S), so the signal lands in that step
+    even on a machine where a step takes half a second.
     """
     os.makedirs(run_dir, exist_ok=True)
     run_id = f"{SESSION_TAG}-{uuid.uuid4().hex[:8]}"
